@@ -1,0 +1,60 @@
+"""`vlv caption` / `vlv reconstruct` on the bundled model and examples."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from vlv_engine import Engine
+from vlv_engine.cli import expand_inputs, main
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "vlv_engine" / "assets" / "examples"
+
+
+def test_bundled_default_model_loads_and_captions_examples():
+    engine = Engine.from_pretrained()
+    images = sorted(EXAMPLES.glob("*.png"))
+    assert len(images) == 8
+    captions = engine.caption(images)
+    assert len(captions) == 8 and all(isinstance(c, str) for c in captions)
+
+
+def test_expand_inputs_recurses_and_sorts(tmp_path):
+    (tmp_path / "b").mkdir()
+    for name in ("b/2.png", "1.JPG", "notes.txt", "b/0.webp"):
+        (tmp_path / name).write_bytes(b"")
+    found = expand_inputs([str(tmp_path), "missing.png"])
+    assert found == [str(tmp_path / "1.JPG"), str(tmp_path / "b/0.webp"), str(tmp_path / "b/2.png"), "missing.png"]
+
+
+def test_caption_writes_jsonl_and_reports_failures(tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not a png")
+    out = tmp_path / "captions.jsonl"
+    rc = main(["caption", str(EXAMPLES), str(bad), "--out", str(out), "--batch-size", "3"])
+    assert rc == 1  # done, with failures
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 9
+    good = [r for r in records if "caption" in r]
+    assert [Path(r["path"]).name for r in good] == [f"scene_{i:02d}.png" for i in range(8)]
+    assert records[-1]["path"] == str(bad) and "error" in records[-1]
+    assert "bad.png" in capsys.readouterr().err
+    # Same captions as the Python API, whatever the CLI's batch size.
+    assert [r["caption"] for r in good] == Engine.from_pretrained().caption(sorted(EXAMPLES.glob("*.png")))
+
+
+def test_caption_all_good_exits_zero(tmp_path):
+    assert main(["caption", str(EXAMPLES / "scene_00.png"), "--out", str(tmp_path / "o.jsonl")]) == 0
+
+
+def test_reconstruct_writes_pngs(tmp_path):
+    rc = main(["reconstruct", str(EXAMPLES / "scene_00.png"), "--out-dir", str(tmp_path), "--steps", "2"])
+    assert rc == 0 and (tmp_path / "scene_00.png").is_file()
+
+
+def test_console_script_runs():
+    vlv = Path(sys.executable).with_name("vlv")
+    assert vlv.is_file(), "the package must be installed (pip install -e .) so the `vlv` script exists"
+    out = subprocess.run([str(vlv), "caption", str(EXAMPLES / "scene_01.png")], capture_output=True, text=True,
+                         check=True)
+    assert json.loads(out.stdout.splitlines()[0])["path"].endswith("scene_01.png")

@@ -1,0 +1,145 @@
+"""The reference engine on tiny random models: correctness, determinism, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlv_engine import Engine, ImageInputError
+from vlv_engine.engine.generation import generate_reference
+from vlv_engine.testing import reference_caption_embedding, reference_greedy_tokens
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_embedding_equals_plain_composition_of_the_library_modules(tiny, rgb_images):
+    emb = tiny.embed(rgb_images)
+    assert emb.shape == (len(rgb_images), tiny.config.encoder.num_queries, 32)
+    ref = reference_caption_embedding(tiny.model, tiny.pixel_values(tiny.load_images(rgb_images)))
+    assert rel_err(emb, ref) < 1e-5
+
+
+def test_embedding_depends_on_the_image(tiny, rgb_images):
+    emb = tiny.embed(rgb_images)
+    spread = (emb - emb.mean(0)).norm() / emb.norm()
+    assert spread > 1e-2  # the tiny model's captions can tell images apart
+
+
+def test_bottleneck_is_causal(tiny):
+    """Changing position j must leave outputs at positions < j unchanged (random perturbation:
+    LayerNorm would hide a constant shift)."""
+    x = torch.randn(2, 8, 32)
+    y = x.clone()
+    y[:, 5:] += torch.randn(2, 3, 32)
+    a, b = tiny.model.bottleneck(x), tiny.model.bottleneck(y)
+    assert torch.allclose(a[:, :5], b[:, :5], atol=1e-6)
+    assert not torch.allclose(a[:, 5:], b[:, 5:], atol=1e-3)
+
+
+def test_greedy_captions_equal_generate_and_a_cache_free_reference(tiny, rgb_images):
+    emb = tiny.embed(rgb_images)
+    prefix = tiny.model.caption_decoder.prefix(emb)
+    gen = tiny.generation_config(num_beams=1, max_new_tokens=10)
+    tok = tiny.llm_tokenizer
+    ids = generate_reference(tiny.model.caption_decoder.llm, prefix, gen, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+    ref = reference_greedy_tokens(tiny.model.caption_decoder.llm, prefix, 10, tok.eos_token_id)
+    for row, want in zip(ids.tolist(), ref):
+        assert row[: len(want)] == want
+        assert all(t == tok.pad_token_id for t in row[len(want):])
+    captions = tiny.caption(rgb_images, num_beams=1, max_new_tokens=10)
+    assert captions == [tok.decode(r, skip_special_tokens=True).strip() for r in ref]
+    assert len(set(captions)) >= 3
+
+
+def test_beam_search_matches_generate_and_is_deterministic(tiny, rgb_images):
+    a = tiny.caption(rgb_images, num_beams=3, max_new_tokens=8)
+    b = tiny.caption(rgb_images, num_beams=3, max_new_tokens=8)
+    assert a == b and all(isinstance(c, str) for c in a)
+    # Beam search can only score at least as well as greedy under the model; here
+    # check it is really beam search: results differ from greedy for some image.
+    greedy = tiny.caption(rgb_images, num_beams=1, max_new_tokens=8)
+    assert a != greedy
+
+
+def test_postprocess_option(tiny, rgb_images):
+    plain = tiny.caption(rgb_images[:2], max_new_tokens=8)
+    post = tiny.caption(rgb_images[:2], max_new_tokens=8, postprocess=True)
+    assert post == plain  # no periods in the tiny vocabulary: nothing to trim
+    with pytest.raises(TypeError, match="unknown generation option"):
+        tiny.caption(rgb_images[:1], top_k=3)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4, 16])
+def test_batch_invariance(tiny, rgb_images, batch_size):
+    alone = [tiny.embed([im])[0] for im in rgb_images]
+    batched = tiny.embed(rgb_images, batch_size=batch_size)
+    for i, a in enumerate(alone):
+        assert torch.equal(a, batched[i]), f"image {i} differs at batch size {batch_size}"
+    caps_alone = [tiny.caption([im])[0] for im in rgb_images]
+    assert tiny.caption(rgb_images, batch_size=batch_size) == caps_alone
+    rev = tiny.caption(rgb_images[::-1], batch_size=batch_size)
+    assert rev[::-1] == caps_alone
+
+
+def test_every_input_kind_gives_the_same_embedding(tiny, tmp_path):
+    arr = np.random.default_rng(3).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    path = tmp_path / "x.png"
+    Image.fromarray(arr).save(path)
+    inputs = [arr, Image.fromarray(arr), str(path), path, path.read_bytes(), torch.from_numpy(arr).permute(2, 0, 1)]
+    embs = tiny.embed(inputs)
+    for i in range(1, len(inputs)):
+        assert torch.equal(embs[0], embs[i]), f"input kind {i} differs"
+    assert torch.equal(tiny.embed(arr)[0], embs[0])  # a single image is a batch of one
+
+
+def test_bad_input_names_the_item(tiny, rgb_images, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ImageInputError) as info:
+        tiny.caption([rgb_images[0], str(bad), rgb_images[1]])
+    assert info.value.index == 1 and "broken.jpg" in str(info.value)
+
+
+def test_caption_results_isolate_bad_items(tiny, rgb_images, tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    items = [rgb_images[0], str(empty), rgb_images[1], str(tmp_path / "missing.png"), rgb_images[2]]
+    results = tiny.caption_results(items)
+    assert [r.ok for r in results] == [True, False, True, False, True]
+    assert [r.index for r in results] == list(range(5))
+    assert results[1].error.index == 1 and "empty.png" in str(results[1].error)
+    assert "missing.png" in str(results[3].error)
+    good = tiny.caption([rgb_images[0], rgb_images[1], rgb_images[2]])
+    assert [r.value for r in results if r.ok] == good
+
+
+def test_reconstruct_is_reproducible_and_batch_invariant(tiny, rgb_images):
+    a = tiny.reconstruct(rgb_images[:3], steps=3, seed=7)
+    b = tiny.reconstruct(rgb_images[:3], steps=3, seed=7)
+    assert all(isinstance(im, Image.Image) and im.size == (32, 32) and im.mode == "RGB" for im in a)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    alone = tiny.reconstruct([rgb_images[2]], steps=3, seed=7)[0]
+    assert np.array_equal(np.asarray(alone), np.asarray(a[2]))
+    other = tiny.reconstruct([rgb_images[2]], steps=3, seed=8)[0]
+    assert not np.array_equal(np.asarray(other), np.asarray(alone))
+
+
+def test_guidance_uses_the_unconditional_embedding(tiny, rgb_images):
+    uncond = tiny.unconditional_embedding()
+    assert uncond.shape == (1, tiny.config.encoder.num_queries, 32)
+    assert tiny.unconditional_embedding() is uncond  # computed once
+    g1 = tiny.reconstruct(rgb_images[:1], steps=2, guidance_scale=1.0, seed=0)[0]
+    g5 = tiny.reconstruct(rgb_images[:1], steps=2, guidance_scale=5.0, seed=0)[0]
+    assert not np.array_equal(np.asarray(g1), np.asarray(g5))
+
+
+def test_caption_only_engine_refuses_reconstruct(rgb_images):
+    from vlv_engine.testing import tiny_engine
+
+    engine = tiny_engine(with_diffusion=False)
+    assert engine.caption(rgb_images[:1])
+    with pytest.raises(RuntimeError, match="no diffusion decoder"):
+        engine.reconstruct(rgb_images[:1])

@@ -1,0 +1,175 @@
+"""The `vlv` command line: caption | reconstruct | convert.
+
+Each subcommand is a thin layer over the Python API (`vlv_engine.Engine`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+log = logging.getLogger("vlv")
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[str]:
+    """Files as given; folders expanded recursively to their image files, sorted."""
+    out: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            out.extend(str(p) for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(item)  # a missing file is reported per item, not here
+    return out
+
+
+def _load_engine(args: argparse.Namespace, **kwargs):
+    import torch
+
+    from vlv_engine import Engine
+
+    return Engine.from_pretrained(args.model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]), **kwargs)
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    paths = expand_inputs(args.inputs)
+    if not paths:
+        print("vlv caption: no input images found", file=sys.stderr)
+        return EXIT_USAGE
+    engine = _load_engine(args, load_diffusion=False)
+    generation = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens)) if v}
+    if args.postprocess:
+        generation["postprocess"] = True
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    failures = 0
+    try:
+        for chunk in _chunks(paths, args.batch_size):
+            for path, result in zip(chunk, engine.caption_results(chunk, batch_size=args.batch_size, **generation)):
+                if result.ok:
+                    record = {"path": path, "caption": result.value}
+                else:
+                    failures += 1
+                    # The error's index counts within this chunk; the path names the item.
+                    reason = getattr(result.error, "reason", str(result.error))
+                    record = {"path": path, "error": reason}
+                    print(f"vlv caption: {path}: {reason}", file=sys.stderr)
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return EXIT_FAILURES if failures else EXIT_OK
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from vlv_engine.images import ImageInputError
+
+    paths = expand_inputs(args.inputs)
+    engine = _load_engine(args, load_caption_decoder=False)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for path in paths:
+        try:
+            (image,) = engine.reconstruct([path], steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed)
+        except ImageInputError as err:  # this item only
+            failures += 1
+            print(f"vlv reconstruct: {err}", file=sys.stderr)
+            continue
+        target = out_dir / (Path(path).stem + ".png")
+        image.save(target)
+        print(json.dumps({"path": path, "reconstruction": str(target)}))
+    return EXIT_FAILURES if failures else EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlv_engine.checkpoint.official import convert_official
+
+    convert_official(args.out, stage2=args.stage2, stage1=args.stage1, florence2=args.florence2,
+                     stable_diffusion=args.stable_diffusion, llm=args.llm,
+                     dtype=getattr(torch, DTYPES[args.dtype]))
+    print(f"wrote {args.out}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlv", description="Caption images with a VLV auto-encoder.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+
+    p = sub.add_parser("caption", help="caption images; writes JSONL {path, caption} (or {path, error})")
+    p.add_argument("inputs", nargs="+", help="image files or folders (recursive)")
+    model_args(p)
+    p.add_argument("--out", help="JSONL output file (default: stdout)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-beams", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--postprocess", action="store_true", help="official trimming: cut at the last period, "
+                                                              "drop repeated sentences")
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("reconstruct", help="regenerate images from their caption embeddings")
+    p.add_argument("inputs", nargs="+")
+    model_args(p)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("convert", help="convert the released official checkpoints to a model folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--stage2", help="stage-2 model.pt")
+    p.add_argument("--stage1", help="stage-1 consolidated pytorch_model.bin")
+    p.add_argument("--florence2", required=True, help="Florence-2-large folder")
+    p.add_argument("--stable-diffusion", help="SD-2.1-base folder (diffusers layout)")
+    p.add_argument("--llm", help="Qwen2.5-3B folder")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    # Weight-loading progress bars and notices from the libraries would drown the
+    # JSONL on the terminal; the command line owns its process, so it may set this.
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        _quiet_libraries()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

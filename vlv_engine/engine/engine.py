@@ -1,0 +1,219 @@
+"""Engine: caption, embed and reconstruct images with a VLV model (reference path).
+
+Every entry point shares one image path (`vlv_engine.images`): load -> RGB ->
+one resize to the encoder's input size -> normalize. The encoder path ends in the
+caption embedding [B, Nq, D]; captions decode it with the LLM, reconstructions
+with the diffusion decoder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from vlv_engine import images as image_io
+from vlv_engine.config import GenerationConfig, VLVConfig
+from vlv_engine.engine.generation import generate_reference
+from vlv_engine.engine.postprocess import official_postprocess
+from vlv_engine.engine.results import ItemResult
+from vlv_engine.models import VLVModel
+
+DEFAULT_BATCH_SIZE = 8
+
+
+def default_model_path() -> Path:
+    """The model bundled inside the package."""
+    return Path(__file__).resolve().parent.parent / "assets" / "default_model"
+
+
+class Engine:
+    def __init__(self, model: VLVModel, *, llm_tokenizer=None, text_tokenizer=None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, max_pixels: int | None = image_io.DEFAULT_MAX_PIXELS,
+                 batch_size: int = DEFAULT_BATCH_SIZE):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+        parts = [(self.model.encoder, dtype), (self.model.bottleneck, dtype), (self.model.caption_decoder, dtype)]
+        if self.model.diffusion is not None:
+            parts += [(self.model.diffusion.unet, dtype), (self.model.diffusion.vae, self.model.diffusion.vae_dtype)]
+        for module, want in parts:
+            if module is not None:
+                _place(module, self.device, want)
+        self.llm_tokenizer = llm_tokenizer
+        self.text_tokenizer = text_tokenizer
+        self.max_pixels = max_pixels
+        self.batch_size = batch_size
+        self._uncond: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, load_caption_decoder: bool = True,
+                        load_diffusion: bool = True, **kwargs: Any) -> "Engine":
+        """Load a model folder; no path means the bundled default model."""
+        from vlv_engine.checkpoint.folder import load_folder
+
+        loaded = load_folder(default_model_path() if path is None else path, dtype=dtype,
+                             load_caption_decoder=load_caption_decoder, load_diffusion=load_diffusion)
+        return cls(loaded.model, llm_tokenizer=loaded.llm_tokenizer, text_tokenizer=loaded.text_tokenizer,
+                   device=device, dtype=dtype, **kwargs)
+
+    @classmethod
+    def from_official(cls, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                      **paths: Any) -> "Engine":
+        """Load the released checkpoints; see `vlv_engine.checkpoint.official.load_official`."""
+        from vlv_engine.checkpoint.official import load_official
+
+        loaded = load_official(**paths)
+        return cls(loaded.model, llm_tokenizer=loaded.llm_tokenizer, text_tokenizer=loaded.text_tokenizer,
+                   device=device, dtype=dtype)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        from vlv_engine.checkpoint.folder import save_folder
+
+        return save_folder(path, self.model, llm_tokenizer=self.llm_tokenizer, text_tokenizer=self.text_tokenizer)
+
+    @property
+    def config(self) -> VLVConfig:
+        return self.model.config
+
+    # ------------------------------------------------------------------ images
+
+    def load_images(self, images: Sequence[Any] | Any) -> list[Image.Image]:
+        """Decode every input, raising `ImageInputError` (naming the item) on the first bad one."""
+        items = _as_list(images)
+        loaded, _ = image_io.load_batch(items, max_pixels=self.max_pixels, on_error="raise")
+        return loaded
+
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        enc = self.config.encoder
+        pixels = image_io.preprocess(list(images), enc.image_size, enc.image_mean, enc.image_std)
+        return pixels.to(self.device, self.dtype)  # [B, 3, S, S]
+
+    def _chunks(self, n: int, batch_size: int | None):
+        step = batch_size or self.batch_size
+        for start in range(0, n, step):
+            yield start, min(n, start + step)
+
+    # ------------------------------------------------------------------ embed
+
+    @torch.no_grad()
+    def embed_loaded(self, images: Sequence[Image.Image], batch_size: int | None = None) -> torch.Tensor:
+        outs = []
+        for lo, hi in self._chunks(len(images), batch_size):
+            outs.append(self.model.caption_embedding(self.pixel_values(images[lo:hi])))
+        return torch.cat(outs) if outs else torch.empty(0)
+
+    def embed(self, images: Sequence[Any] | Any, *, batch_size: int | None = None) -> torch.Tensor:
+        """Caption embeddings [B, Nq, D] of the images."""
+        return self.embed_loaded(self.load_images(images), batch_size)
+
+    # ------------------------------------------------------------------ caption
+
+    def generation_config(self, **overrides: Any) -> GenerationConfig:
+        return self.config.generation.merged(**overrides)
+
+    @torch.no_grad()
+    def caption_embeddings(self, embeddings: torch.Tensor, *, batch_size: int | None = None,
+                           **generation: Any) -> list[str]:
+        """Decode caption embeddings [B, Nq, D] into text (no image encoding)."""
+        decoder = self.model.caption_decoder
+        if decoder is None or self.llm_tokenizer is None:
+            raise RuntimeError("this engine was loaded without a caption decoder (llm/ folder and tokenizer)")
+        gen = self.generation_config(**generation)
+        tok = self.llm_tokenizer
+        texts: list[str] = []
+        for lo, hi in self._chunks(embeddings.shape[0], batch_size):
+            prefix = decoder.prefix(embeddings[lo:hi].to(self.device))  # [b, Nq, H]
+            ids = generate_reference(decoder.llm, prefix, gen, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)
+            texts.extend(t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True))
+        if gen.postprocess:
+            texts = [official_postprocess(t) for t in texts]
+        return texts
+
+    def caption(self, images: Sequence[Any] | Any, *, batch_size: int | None = None, **generation: Any) -> list[str]:
+        """One caption per image. Generation options (max_new_tokens, num_beams, early_stopping,
+        length_penalty, postprocess) override the model's defaults for this call."""
+        self.generation_config(**generation)  # reject unknown options before any work
+        loaded = self.load_images(images)
+        return self.caption_embeddings(self.embed_loaded(loaded, batch_size), batch_size=batch_size, **generation)
+
+    def caption_results(self, images: Sequence[Any] | Any, *, batch_size: int | None = None,
+                        **generation: Any) -> list[ItemResult[str]]:
+        """Like `caption`, but a bad input costs only its own result: each item carries a
+        caption or the error (an `ImageInputError` naming the input and the reason)."""
+        self.generation_config(**generation)
+        items = _as_list(images)
+        loaded, errors = image_io.load_batch(items, max_pixels=self.max_pixels, on_error="collect")
+        good = [i for i, err in enumerate(errors) if err is None]
+        captions = self.caption_embeddings(self.embed_loaded([loaded[i] for i in good], batch_size),
+                                           batch_size=batch_size, **generation) if good else []
+        by_index = dict(zip(good, captions))
+        return [ItemResult(i, value=by_index.get(i), error=errors[i]) for i in range(len(items))]
+
+    # ------------------------------------------------------------------ reconstruct
+
+    @torch.no_grad()
+    def unconditional_embedding(self) -> torch.Tensor:
+        """The text encoder on the empty prompt padded to Nq: [1, Nq, D], computed once."""
+        if self._uncond is None:
+            if self.text_tokenizer is None:
+                raise RuntimeError("reconstruct needs the text encoder's tokenizer (tokenizer/ folder) "
+                                   "for the unconditional prompt")
+            nq = self.config.encoder.num_queries
+            ids = self.text_tokenizer("", padding="max_length", max_length=nq, truncation=True,
+                                      return_tensors="pt").input_ids.to(self.device)
+            self._uncond = self.model.bottleneck.encode_ids(ids)
+        return self._uncond
+
+    @torch.no_grad()
+    def reconstruct(self, images: Sequence[Any] | Any, *, steps: int | None = None,
+                    guidance_scale: float | None = None, seed: int = 0,
+                    batch_size: int | None = None) -> list[Image.Image]:
+        """Images regenerated from their caption embeddings by the diffusion decoder.
+
+        Each image's noise comes from its own generator seeded with `seed`, so the
+        result for an image does not depend on the batch it is in."""
+        diffusion = self.model.diffusion
+        if diffusion is None:
+            raise RuntimeError("this engine has no diffusion decoder (caption-only model, or loaded with "
+                               "load_diffusion=False)")
+        cfg = self.config.diffusion
+        steps = steps or cfg.num_inference_steps
+        guidance = cfg.guidance_scale if guidance_scale is None else guidance_scale
+        loaded = self.load_images(images)
+        uncond = self.unconditional_embedding()
+        out: list[Image.Image] = []
+        for lo, hi in self._chunks(len(loaded), batch_size):
+            cond = self.model.caption_embedding(self.pixel_values(loaded[lo:hi]))
+            gens = [torch.Generator(device=self.device).manual_seed(seed) for _ in range(hi - lo)]
+            pixels = diffusion.sample(cond, uncond, steps=steps, guidance_scale=guidance, generators=gens)
+            out.extend(_to_pil(p) for p in pixels)
+        return out
+
+
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    # Cast only when needed: diffusers warns on every dtype cast, even a no-op one.
+    if any(p.dtype != dtype for p in module.parameters()):
+        module.to(dtype=dtype)
+    if any(p.device != device for p in module.parameters()):
+        module.to(device=device)
+
+
+def _as_list(images: Sequence[Any] | Any) -> list[Any]:
+    # A single image (path, PIL image, array, tensor) is a batch of one.
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
+
+
+def _to_pil(pixels: torch.Tensor) -> Image.Image:
+    """[3, H, W] in [0, 1] -> RGB PIL image."""
+    arr = (pixels.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr, mode="RGB")

@@ -1,0 +1,117 @@
+"""The frozen diffusion decoder: UNet2DConditionModel + AutoencoderKL + a scheduler.
+
+Reconstruction samples latents conditioned on the caption embedding with
+classifier-free guidance (the conditional and unconditional halves share one
+batched UNet call), then decodes them with the VAE.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+import diffusers
+
+from vlv_engine.config import DiffusionConfig
+
+
+def scheduler_from_config(config: dict) -> SchedulerMixin:
+    config = dict(config)
+    name = config.pop("_class_name")
+    cls = getattr(diffusers, name, None)
+    if cls is None or not issubclass(cls, SchedulerMixin):
+        raise ValueError(f"unknown diffusers scheduler class {name!r}")
+    return cls.from_config(config)
+
+
+class DiffusionDecoder(nn.Module):
+    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler: SchedulerMixin,
+                 vae_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.unet = unet
+        self.vae = vae
+        self.scheduler = scheduler
+        # The official decoder runs the VAE in fp32 whatever the UNet's dtype.
+        self.vae_dtype = vae_dtype
+
+    @classmethod
+    def from_config(cls, config: DiffusionConfig) -> "DiffusionDecoder":
+        return cls(UNet2DConditionModel(**config.unet), AutoencoderKL(**config.vae),
+                   scheduler_from_config(config.scheduler))
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
+        size = self.unet.config.sample_size
+        return (batch, self.unet.config.in_channels, size, size)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] -> scaled latents [B, C, H/f, W/f]."""
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        latents = dist.sample(generator) if sample else dist.mode()
+        return latents * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [0, 1], [B, 3, H, W] fp32."""
+        vae_dtype = self.vae.dtype
+        images = self.vae.decode((latents / self.scaling_factor).to(vae_dtype)).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def predict_noise(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.unet(latents, t, encoder_hidden_states=context).sample
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        *,
+        steps: int,
+        guidance_scale: float,
+        generators: Sequence[torch.Generator],
+        scheduler: SchedulerMixin | None = None,
+    ) -> torch.Tensor:
+        """Caption embeddings [B, Nq, D] -> images [B, 3, H, W] in [0, 1].
+
+        ``uncond`` is [1, Nq, D] (the empty prompt). One generator per item keeps each
+        image's noise independent of its batch and position in it.
+        """
+        batch = cond.shape[0]
+        if len(generators) != batch:
+            raise ValueError(f"need one generator per image: got {len(generators)} for a batch of {batch}")
+        unet_dtype = self.unet.dtype
+        # 1. A fresh scheduler: schedulers keep per-run state (timesteps, step index).
+        sched = scheduler if scheduler is not None else type(self.scheduler).from_config(self.scheduler.config)
+        sched.set_timesteps(steps, device=cond.device)
+        # 2. Initial noise, one draw per item.
+        latents = randn_tensor(self.latent_shape(batch), generator=list(generators), device=cond.device,
+                               dtype=torch.float32)
+        latents = latents * sched.init_noise_sigma
+        guided = guidance_scale != 1.0
+        context = cond.to(unet_dtype)
+        if guided:
+            context = torch.cat([uncond.to(unet_dtype).expand(batch, -1, -1), context], dim=0)  # [2B, Nq, D]
+        # 3. Denoising loop.
+        for t in sched.timesteps:
+            model_in = torch.cat([latents, latents]) if guided else latents
+            model_in = sched.scale_model_input(model_in, t).to(unet_dtype)
+            noise = self.predict_noise(model_in, t, context).float()
+            if guided:
+                noise_uncond, noise_cond = noise.chunk(2)
+                noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+            latents = sched.step(noise, t, latents, generator=list(generators)).prev_sample
+        # 4. Decode.
+        return self.decode(latents)
