@@ -1,4 +1,4 @@
-"""The `vlv` command line: caption | reconstruct | convert.
+"""The `vlv` command line: caption | reconstruct | train | convert.
 
 Each subcommand is a thin layer over the Python API (`vlv_engine.Engine`).
 """
@@ -108,6 +108,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        from vlv_training.config import load_config
+        from vlv_training.trainer import train
+    except ImportError as err:
+        print(f"vlv train: the training package is not installed ({err}); pip install -e '.[train]'",
+              file=sys.stderr)
+        return EXIT_USAGE
+    overrides = [f"stage={args.stage}", *args.set]
+    cfg = load_config(args.config, overrides)
+    summary = train(cfg, device=args.device, progress=not args.quiet)
+    print(json.dumps(summary))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlv", description="Caption images with a VLV auto-encoder.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -137,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("train", help="train stage 1 (images only) or stage 2 (captions)")
+    p.add_argument("stage", choices=["stage1", "stage2"])
+    p.add_argument("--config", help="YAML / TOML / JSON training config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.lr=3e-4 --set steps=500")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("convert", help="convert the released official checkpoints to a model folder")
     p.add_argument("--out", required=True)

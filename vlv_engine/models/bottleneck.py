@@ -31,7 +31,8 @@ class Bottleneck(nn.Module):
         """[B, Nq, D] projected queries -> [B, Nq, D] caption embedding."""
         te = self.text_encoder
         hidden = te.embeddings(inputs_embeds=inputs_embeds)  # + position embeddings
-        mask = create_causal_mask(config=te.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None)
+        # Positional: the cache argument's keyword is being renamed across transformers 5.x.
+        mask = create_causal_mask(te.config, hidden, None, None)  # no padding, no cache
         hidden = te.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
         return te.final_layer_norm(hidden)
 
