@@ -1,4 +1,4 @@
-"""The `vlv` command line: caption | reconstruct | train | convert.
+"""The `vlv` command line: caption | reconstruct | eval | train | convert.
 
 Each subcommand is a thin layer over the Python API (`vlv_engine.Engine`).
 """
@@ -123,6 +123,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vlv_engine.evaluation import evaluate_shapes
+
+    engine = _load_engine(args, load_diffusion=args.recon_num > 0)
+    generation = {"num_beams": args.num_beams} if args.num_beams else {}
+    report = evaluate_shapes(engine, num=args.num, seed=args.seed, recon_num=args.recon_num, steps=args.steps,
+                             guidance_scale=args.guidance_scale, batch_size=args.batch_size, **generation)
+    data = report.to_dict()
+    if args.json:
+        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+    c, s, d = report.caption, report.caption_single, report.caption_double
+    print(f"captions ({int(c['n'])} scenes): exact match {c['exact_match']:.1%}  object F1 {c['f1']:.3f}  "
+          f"(one object {s['exact_match']:.1%}, two objects {d['exact_match']:.1%})")
+    if report.reconstruction is not None:
+        r = report.reconstruction
+        print(f"reconstruction ({int(r['n'])} single-object scenes): colour+cell {r['color_and_cell']:.1%}  "
+              f"colour {r['color']:.1%}  cell {r['cell']:.1%}")
+    for ex in report.examples:
+        print(f"  truth: {ex['truth']}\n   said: {ex['caption']}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlv", description="Caption images with a VLV auto-encoder.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -152,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("eval", help="evaluate a model on held-out Shapes World scenes")
+    p.add_argument("suite", choices=["shapes"])
+    model_args(p)
+    p.add_argument("--num", type=int, default=500, help="held-out scenes for caption accuracy")
+    p.add_argument("--recon-num", type=int, default=100, help="single-object scenes to reconstruct (0: skip)")
+    p.add_argument("--seed", type=int, default=20_260_000)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--num-beams", type=int)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", help="write the full report here")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train", help="train stage 1 (images only) or stage 2 (captions)")
     p.add_argument("stage", choices=["stage1", "stage2"])
