@@ -123,6 +123,8 @@ def load_folder(path: str | Path, *, dtype: torch.dtype = torch.float32, load_ca
     text_tokenizer = load_tokenizer(path / "tokenizer") if (path / "tokenizer").is_dir() else None
 
     decoder, llm_tokenizer = None, None
+    if not config.caption_decoder.llm:  # an embedding-only model (e.g. a stage-1 checkpoint)
+        load_caption_decoder = False
     if load_caption_decoder and (path / "llm").is_dir():
         llm = _load_hf("llm", AutoModelForCausalLM, path / "llm", dtype)
         decoder = CaptionDecoder(llm, bottleneck.hidden_size).to(dtype)

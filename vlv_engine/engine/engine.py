@@ -69,7 +69,7 @@ class Engine:
         """Load the released checkpoints; see `vlv_engine.checkpoint.official.load_official`."""
         from vlv_engine.checkpoint.official import load_official
 
-        loaded = load_official(**paths)
+        loaded = load_official(dtype=dtype, **paths)
         return cls(loaded.model, llm_tokenizer=loaded.llm_tokenizer, text_tokenizer=loaded.text_tokenizer,
                    device=device, dtype=dtype)
 

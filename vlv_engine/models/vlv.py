@@ -29,7 +29,7 @@ class VLVModel(nn.Module):
         bottleneck = Bottleneck.from_config(config.bottleneck.text_encoder)
         encoder = VLVEncoder.from_config(config.encoder, bottleneck.hidden_size)
         decoder = (CaptionDecoder.from_config(config.caption_decoder.llm, bottleneck.hidden_size)
-                   if with_caption_decoder else None)
+                   if with_caption_decoder and config.caption_decoder.llm else None)
         diffusion = (DiffusionDecoder.from_config(config.diffusion)
                      if with_diffusion and config.diffusion is not None else None)
         return cls(config, encoder, bottleneck, decoder, diffusion)
