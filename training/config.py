@@ -14,8 +14,12 @@ import yaml
 
 # Parameter groups that a stage may train (names used by `trainable`).
 PARAM_GROUPS = ("florence_vision", "florence_language", "queries", "language_proj", "text_encoder",
-                "caption_proj", "llm")
+                "caption_proj", "llm", "unet", "vae")
 STAGE_DEFAULT_TRAINABLE = {
+    # The stand-in for a pretrained text-to-image model (the nano recipe): its VAE,
+    # then its text encoder + UNet on (image, caption) pairs.
+    "vae": ["vae"],
+    "teacher": ["text_encoder", "unet"],
     # The paper: stage 1 trains Florence's language model, the queries and phi.
     "stage1": ["florence_language", "queries", "language_proj"],
     # Stage 2 trains psi and the LLM (+ optionally the encoder's language model).
@@ -61,7 +65,15 @@ class TrainConfig:
     grad_checkpointing: bool = False
     seed: int = 0
     trainable: list[str] | None = None  # None: the stage's default groups
-    cache_latents: bool = True  # stage 1: VAE moments computed once per image
+    cache_latents: bool = True  # stage 1 / teacher: VAE moments computed once per image
+    # Noise-prediction loss weighting: "none", or "min_snr" (min(SNR, gamma) / SNR), which
+    # stops easy low-noise steps from dominating and speeds up conditioning.
+    loss_weighting: str = "none"
+    min_snr_gamma: float = 5.0
+    caption_dropout: float = 0.1  # teacher: captions replaced by "" (classifier-free guidance)
+    kl_weight: float = 1e-6  # vae
+    # Stop (with a checkpoint) after this many minutes; rerun to continue. None: no limit.
+    max_minutes: float | None = None
     log_every: int = 10
     save_every: int = 200
     keep_last: int = 3
@@ -71,6 +83,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in STAGE_DEFAULT_TRAINABLE:
             raise ValueError(f"stage must be one of {sorted(STAGE_DEFAULT_TRAINABLE)}, got {self.stage!r}")
+        if self.loss_weighting not in ("none", "min_snr"):
+            raise ValueError(f"loss_weighting must be none or min_snr, got {self.loss_weighting!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         groups = self.trainable_groups

@@ -1,5 +1,7 @@
-"""The two training objectives.
+"""The training objectives.
 
+VAE and teacher (the nano recipe's stand-in for a pretrained text-to-image model):
+reconstruction, and text-conditioned noise prediction.
 Stage 1 (images only): the caption embedding conditions the frozen UNet, which must
 predict the noise added to the image's latents; gradients flow through the frozen
 UNet and text encoder into what is trained.
@@ -32,12 +34,71 @@ def draw_noise(latents: torch.Tensor, num_train_timesteps: int,
     return t, noise
 
 
+def snr_weights(scheduler, timesteps: torch.Tensor, mode: str, gamma: float) -> torch.Tensor | None:
+    """Per-sample loss weights for epsilon prediction; None means uniform."""
+    if mode == "none":
+        return None
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas / (1 - alphas)
+    if scheduler.config.prediction_type == "v_prediction":
+        return torch.clamp(snr, max=gamma) / (snr + 1)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def noise_prediction_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return F.mse_loss(pred.float(), target.float())
+    per_sample = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+    return (per_sample * weights).mean()
+
+
+def _target(sched, latents, noise, timesteps):
+    if sched.config.prediction_type == "epsilon":
+        return noise
+    if sched.config.prediction_type == "v_prediction":
+        return sched.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {sched.config.prediction_type!r}")
+
+
+class VAEObjective(nn.Module):
+    """The nano recipe's VAE: reconstruction MSE + a small KL pull towards N(0, I)."""
+
+    def __init__(self, model: VLVModel, kl_weight: float):
+        super().__init__()
+        self.model, self.kl_weight = model, kl_weight
+
+    def forward(self, vae_pixels: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        vae = self.model.diffusion.vae
+        posterior = vae.encode(vae_pixels).latent_dist
+        z = posterior.mean + posterior.std * eps
+        recon = vae.decode(z).sample
+        return F.mse_loss(recon.float(), vae_pixels.float()) + self.kl_weight * posterior.kl().mean()
+
+
+class TeacherObjective(nn.Module):
+    """Text-to-image noise prediction: the stand-in for a pretrained diffusion model."""
+
+    def __init__(self, model: VLVModel, loss_weighting: str = "none", gamma: float = 5.0):
+        super().__init__()
+        self.model, self.loss_weighting, self.gamma = model, loss_weighting, gamma
+
+    def forward(self, input_ids: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
+                timesteps: torch.Tensor) -> torch.Tensor:
+        diffusion = self.model.diffusion
+        sched = diffusion.scheduler
+        noisy = sched.add_noise(latents, noise, timesteps)
+        cond = self.model.bottleneck.encode_ids(input_ids)  # [B, L, D]
+        pred = diffusion.predict_noise(noisy.to(cond.dtype), timesteps, cond)
+        weights = snr_weights(sched, timesteps, self.loss_weighting, self.gamma)
+        return noise_prediction_loss(pred, _target(sched, latents, noise, timesteps), weights)
+
+
 class Stage1Objective(nn.Module):
     """Noise-prediction loss through the frozen UNet, conditioned on the caption embedding."""
 
-    def __init__(self, model: VLVModel):
+    def __init__(self, model: VLVModel, loss_weighting: str = "none", gamma: float = 5.0):
         super().__init__()
-        self.model = model
+        self.model, self.loss_weighting, self.gamma = model, loss_weighting, gamma
 
     def forward(self, pixel_values: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
                 timesteps: torch.Tensor) -> torch.Tensor:
@@ -45,15 +106,10 @@ class Stage1Objective(nn.Module):
         diffusion = self.model.diffusion
         sched = diffusion.scheduler
         noisy = sched.add_noise(latents, noise, timesteps)
-        if sched.config.prediction_type == "epsilon":
-            target = noise
-        elif sched.config.prediction_type == "v_prediction":
-            target = sched.get_velocity(latents, noise, timesteps)
-        else:
-            raise ValueError(f"unsupported prediction_type {sched.config.prediction_type!r}")
         cond = self.model.caption_embedding(pixel_values)  # [B, Nq, D]
         pred = diffusion.predict_noise(noisy.to(cond.dtype), timesteps, cond)
-        return F.mse_loss(pred.float(), target.float())
+        weights = snr_weights(sched, timesteps, self.loss_weighting, self.gamma)
+        return noise_prediction_loss(pred, _target(sched, latents, noise, timesteps), weights)
 
 
 class Stage2Objective(nn.Module):

@@ -48,11 +48,38 @@ def param_groups(model: VLVModel) -> dict[str, list[nn.Parameter]]:
         "text_encoder": list(model.bottleneck.text_encoder.parameters()),
         "caption_proj": [],
         "llm": [],
+        "unet": list(model.diffusion.unet.parameters()) if model.diffusion is not None else [],
+        "vae": list(model.diffusion.vae.parameters()) if model.diffusion is not None else [],
     }
     if model.caption_decoder is not None:
         groups["caption_proj"] = list(model.caption_decoder.caption_proj.parameters())
         groups["llm"] = list(model.caption_decoder.llm.parameters())
     return groups
+
+
+def group_modules(model: VLVModel) -> dict[str, list[nn.Module]]:
+    """The modules whose train/eval mode follows each group (dropout, drop-path)."""
+    florence = model.encoder.florence
+    decoder = [model.caption_decoder] if model.caption_decoder is not None else []
+    diffusion = model.diffusion
+    return {
+        "florence_vision": [florence.vision_tower, florence.multi_modal_projector],
+        "florence_language": [florence.language_model],
+        "queries": [], "language_proj": [model.encoder.language_proj],
+        "text_encoder": [model.bottleneck.text_encoder],
+        "caption_proj": decoder, "llm": decoder,
+        "unet": [diffusion.unet] if diffusion is not None else [],
+        "vae": [diffusion.vae] if diffusion is not None else [],
+    }
+
+
+def set_train_mode(model: VLVModel, groups: list[str]) -> None:
+    """Trained parts in train mode; frozen parts in eval mode, exactly as at inference."""
+    model.eval()
+    by_group = group_modules(model)
+    for name in groups:
+        for module in by_group[name]:
+            module.train()
 
 
 def set_trainable(model: VLVModel, groups: list[str]) -> list[tuple[str, nn.Parameter]]:

@@ -1,4 +1,4 @@
-"""The training loop shared by both stages.
+"""The training loop shared by every stage (vae, teacher, stage1, stage2).
 
 One script for one process or many: under `torchrun` it wraps the model in DDP
 (gloo on CPU, NCCL on CUDA) and each rank reads its own slice of the data.
@@ -22,8 +22,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from vlv_engine.checkpoint.folder import save_folder
 from vlv_training.config import TrainConfig
-from vlv_training.losses import Stage1Objective, Stage2Objective, draw_noise, sample_latents
-from vlv_training.modeling import build_model, set_trainable
+from vlv_training.losses import (Stage1Objective, Stage2Objective, TeacherObjective, VAEObjective, draw_noise,
+                                 sample_latents)
+from vlv_training.modeling import build_model, set_train_mode, set_trainable
 from vlv_training.state import list_checkpoints, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("vlv.training")
@@ -111,15 +112,14 @@ def train(cfg: TrainConfig, *, device: str | torch.device = "cpu", progress: boo
     torch.manual_seed(cfg.seed + ddp.rank)
     built = build_model(cfg.init)
     model = built.model.to(device)
-    if cfg.stage == "stage1" and model.diffusion is None:
-        raise ValueError("stage 1 needs the diffusion decoder (UNet + VAE) in the init model")
+    if cfg.stage != "stage2" and model.diffusion is None:
+        raise ValueError(f"{cfg.stage} needs the diffusion decoder (UNet + VAE) in the init model")
     if cfg.stage == "stage2" and (model.caption_decoder is None or built.llm_tokenizer is None):
         raise ValueError("stage 2 needs a caption decoder and its tokenizer in the init model")
+    if cfg.stage == "teacher" and built.text_tokenizer is None:
+        raise ValueError("the teacher stage needs the text encoder's tokenizer (tokenizer/) in the init model")
     params = set_trainable(model, cfg.trainable_groups)
-    model.train()
-    # Frozen parts stay in eval mode: no dropout in the teacher, as in inference.
-    if model.diffusion is not None:
-        model.diffusion.eval()
+    set_train_mode(model, cfg.trainable_groups)
     if cfg.grad_checkpointing:
         for m in (model.encoder.florence.language_model, getattr(model.caption_decoder, "llm", None)):
             if m is not None and hasattr(m, "gradient_checkpointing_enable"):
@@ -138,7 +138,7 @@ def train(cfg: TrainConfig, *, device: str | torch.device = "cpu", progress: boo
     vae_size = model.diffusion.vae.config.sample_size if model.diffusion is not None else None
     collate = data_lib.make_collate(enc.image_size, enc.image_mean, enc.image_std, tokenizer=tokenizer,
                                     max_caption_tokens=cfg.data.max_caption_tokens,
-                                    vae_size=vae_size if cfg.stage == "stage1" else None,
+                                    vae_size=vae_size if cfg.stage != "stage2" else None,
                                     max_pixels=cfg.data.max_pixels)
 
     step = 0
@@ -151,11 +151,18 @@ def train(cfg: TrainConfig, *, device: str | torch.device = "cpu", progress: boo
         if ddp.is_main:
             log.info("resumed from %s at step %d", latest[-1], step)
 
-    objective = Stage1Objective(model) if cfg.stage == "stage1" else Stage2Objective(model)
+    objective = {
+        "vae": lambda: VAEObjective(model, cfg.kl_weight),
+        "teacher": lambda: TeacherObjective(model, cfg.loss_weighting, cfg.min_snr_gamma),
+        "stage1": lambda: Stage1Objective(model, cfg.loss_weighting, cfg.min_snr_gamma),
+        "stage2": lambda: Stage2Objective(model),
+    }[cfg.stage]()
     if cfg.compile:
         objective = torch.compile(objective)
     train_obj = DDP(objective) if ddp.world_size > 1 else objective
-    cache = LatentCache(model.diffusion.vae, cfg.cache_latents) if cfg.stage == "stage1" else None
+    uses_latents = cfg.stage in ("teacher", "stage1")
+    cache = LatentCache(model.diffusion.vae, cfg.cache_latents) if uses_latents else None
+    inputs_fn = _Inputs(cfg, model, built.text_tokenizer, cache, noise_gen, device)
 
     loader = data_lib.make_loader(source, sampler, collate, batch_size=cfg.batch_size,
                                   num_workers=cfg.data.num_workers)
@@ -167,14 +174,19 @@ def train(cfg: TrainConfig, *, device: str | torch.device = "cpu", progress: boo
 
         bar = tqdm(total=cfg.steps, initial=step, desc=cfg.stage, dynamic_ncols=True)
     t0, samples, last_loss = time.perf_counter(), 0, float("nan")
+    deadline = None if cfg.max_minutes is None else time.monotonic() + 60 * cfg.max_minutes
+    stopped_early = False
     while step < cfg.steps:
+        if deadline is not None and time.monotonic() > deadline:
+            stopped_early = True
+            break
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             sync = micro == cfg.grad_accum - 1 or ddp.world_size == 1
             ctx = contextlib.nullcontext() if sync else train_obj.no_sync()
-            inputs = _inputs(cfg, model, batch, cache, noise_gen, device)
+            inputs = inputs_fn(batch)
             with ctx, _autocast(cfg, device):
                 loss = train_obj(*inputs) / cfg.grad_accum
             loss.backward()
@@ -196,14 +208,15 @@ def train(cfg: TrainConfig, *, device: str | torch.device = "cpu", progress: boo
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                             sps=f"{samples / max(time.perf_counter() - t0, 1e-9):.1f}")
-        if ddp.is_main and (step % cfg.save_every == 0 or step == cfg.steps):
+        out_of_time = deadline is not None and time.monotonic() > deadline
+        if ddp.is_main and (step % cfg.save_every == 0 or step == cfg.steps or out_of_time):
             save_checkpoint(out_dir, step, params=params, optimizer=optimizer, scheduler=scheduler,
                             data_state=sampler.state_dict(), generators=generators, config=cfg.to_dict(),
                             keep_last=cfg.keep_last)
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - t0
-    if ddp.is_main:
+    if ddp.is_main and not stopped_early:
         model.eval()
         save_folder(out_dir / "model", model, llm_tokenizer=built.llm_tokenizer, text_tokenizer=built.text_tokenizer)
         try:
@@ -214,7 +227,7 @@ def train(cfg: TrainConfig, *, device: str | torch.device = "cpu", progress: boo
             log.warning("no loss plot: %s", err)
     if ddp.world_size > 1:
         dist.barrier()
-    return {"step": step, "loss": last_loss, "wall_s": wall,
+    return {"step": step, "loss": last_loss, "wall_s": wall, "complete": step >= cfg.steps,
             "latent_cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses}}
 
 
@@ -230,13 +243,39 @@ def _forever(loader, sampler) -> Iterator[dict[str, Any]]:
         sampler.set_epoch(sampler.epoch + 1)
 
 
-def _inputs(cfg: TrainConfig, model, batch: dict[str, Any], cache: LatentCache | None,
-            gen: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """The objective's tensor inputs; random draws happen here, from the run's generator."""
-    pixels = batch["pixel_values"].to(device)
-    if cfg.stage == "stage1":
-        moments = cache.moments(batch["keys"], batch["vae_pixel_values"].to(device))
-        latents = sample_latents(moments, gen, model.diffusion.scaling_factor)
-        t, noise = draw_noise(latents, model.diffusion.scheduler.config.num_train_timesteps, gen)
-        return pixels, latents, noise, t
-    return pixels, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+class _Inputs:
+    """The objective's tensor inputs for a batch; every random draw (latent samples,
+    timesteps, noise, caption dropout) comes from the run's own generator, so a resumed
+    run draws exactly what the uninterrupted one would have."""
+
+    def __init__(self, cfg: TrainConfig, model, text_tokenizer, cache: LatentCache | None,
+                 gen: torch.Generator, device: torch.device):
+        self.cfg, self.model, self.tok, self.cache, self.gen, self.device = cfg, model, text_tokenizer, cache, gen, device
+
+    def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        moments = self.cache.moments(batch["keys"], batch["vae_pixel_values"].to(self.device))
+        return sample_latents(moments, self.gen, self.model.diffusion.scaling_factor)
+
+    def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        cfg, model, dev = self.cfg, self.model, self.device
+        if cfg.stage == "vae":
+            pixels = batch["vae_pixel_values"].to(dev)
+            f = 2 ** (len(model.diffusion.vae.config.block_out_channels) - 1)
+            shape = (pixels.shape[0], model.diffusion.vae.config.latent_channels, pixels.shape[2] // f,
+                     pixels.shape[3] // f)
+            return pixels, torch.randn(shape, generator=self.gen, device=dev)
+        if cfg.stage == "teacher":
+            latents = self._latents(batch)
+            t, noise = draw_noise(latents, model.diffusion.scheduler.config.num_train_timesteps, self.gen)
+            drop = torch.rand(len(batch["captions"]), generator=self.gen, device=dev) < cfg.caption_dropout
+            captions = ["" if d else c for c, d in zip(batch["captions"], drop.tolist())]
+            # Padded to Nq: the length every caption embedding has (and the empty prompt's).
+            ids = self.tok(captions, padding="max_length", max_length=model.config.encoder.num_queries,
+                           truncation=True, return_tensors="pt").input_ids.to(dev)
+            return ids, latents, noise, t
+        pixels = batch["pixel_values"].to(dev)
+        if cfg.stage == "stage1":
+            latents = self._latents(batch)
+            t, noise = draw_noise(latents, model.diffusion.scheduler.config.num_train_timesteps, self.gen)
+            return pixels, latents, noise, t
+        return pixels, *(batch[k].to(dev) for k in ("input_ids", "attention_mask", "labels"))

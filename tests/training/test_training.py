@@ -25,7 +25,7 @@ def _losses(run_dir):
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+@pytest.mark.parametrize("stage", ["vae", "teacher", "stage1", "stage2"])
 def test_smoke_training_writes_everything(tmp_path, stage):
     cfg = _cfg(tmp_path, stage)
     summary = train(cfg, progress=False)
@@ -36,7 +36,7 @@ def test_smoke_training_writes_everything(tmp_path, stage):
     assert (run / "loss.png").stat().st_size > 1000
     engine = Engine.from_pretrained(run / "model")  # the engine's own format
     assert len(engine.caption([torch.zeros(3, 32, 32, dtype=torch.uint8)])) == 1
-    if stage == "stage1":
+    if stage in ("teacher", "stage1"):
         # Latents are cached per sample key: with 64 samples and 16 draws, some repeat or not,
         # but every miss was encoded exactly once.
         assert summary["latent_cache"]["misses"] <= 16
@@ -55,7 +55,7 @@ def test_trainable_groups_follow_the_stage(tmp_path):
     assert all(n.startswith("caption_decoder.") for n in names) and names
 
 
-@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+@pytest.mark.parametrize("stage", ["teacher", "stage1", "stage2"])
 def test_resume_continues_the_same_loss_curve_bit_exactly(tmp_path, stage):
     straight = _cfg(tmp_path / "a", stage)
     train(straight, progress=False)
@@ -100,3 +100,23 @@ def test_two_process_ddp_step(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(_losses(tmp_path / "ddp")) == 2
     assert (tmp_path / "ddp" / "model" / "vlv.json").is_file()
+
+
+def test_time_budget_stops_early_and_a_rerun_finishes(tmp_path):
+    cfg = _cfg(tmp_path, "stage2", steps=50, save_every=100, max_minutes=0.0)
+    first = train(cfg, progress=False)
+    assert not first["complete"] and first["step"] == 0
+    cfg = _cfg(tmp_path, "stage2", steps=3, save_every=100, max_minutes=5)
+    done = train(cfg, progress=False)
+    assert done["complete"] and (tmp_path / "stage2" / "model" / "vlv.json").is_file()
+
+
+def test_min_snr_weights_favour_noisy_steps():
+    from diffusers import DDPMScheduler
+
+    from vlv_training.losses import snr_weights
+
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    w = snr_weights(sched, torch.tensor([0, 500, 999]), "min_snr", 5.0)
+    assert w[0] < w[1] <= w[2] <= 1.0 + 1e-6  # low-noise steps (huge SNR) are down-weighted
+    assert snr_weights(sched, torch.tensor([3]), "none", 5.0) is None
