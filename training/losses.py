@@ -60,6 +60,16 @@ def _target(sched, latents, noise, timesteps):
     raise ValueError(f"unsupported prediction_type {sched.config.prediction_type!r}")
 
 
+def denoising_loss(diffusion, cond: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
+                   timesteps: torch.Tensor, weighting: str, gamma: float) -> torch.Tensor:
+    """The UNet, conditioned on `cond`, predicts what was added to the noised latents."""
+    sched = diffusion.scheduler
+    noisy = sched.add_noise(latents, noise, timesteps)
+    pred = diffusion.predict_noise(noisy.to(cond.dtype), timesteps, cond)
+    weights = snr_weights(sched, timesteps, weighting, gamma)
+    return noise_prediction_loss(pred, _target(sched, latents, noise, timesteps), weights)
+
+
 class VAEObjective(nn.Module):
     """The nano recipe's VAE: reconstruction MSE + a small KL pull towards N(0, I)."""
 
@@ -84,13 +94,9 @@ class TeacherObjective(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
                 timesteps: torch.Tensor) -> torch.Tensor:
-        diffusion = self.model.diffusion
-        sched = diffusion.scheduler
-        noisy = sched.add_noise(latents, noise, timesteps)
         cond = self.model.bottleneck.encode_ids(input_ids)  # [B, L, D]
-        pred = diffusion.predict_noise(noisy.to(cond.dtype), timesteps, cond)
-        weights = snr_weights(sched, timesteps, self.loss_weighting, self.gamma)
-        return noise_prediction_loss(pred, _target(sched, latents, noise, timesteps), weights)
+        return denoising_loss(self.model.diffusion, cond, latents, noise, timesteps, self.loss_weighting,
+                              self.gamma)
 
 
 class Stage1Objective(nn.Module):
@@ -103,13 +109,9 @@ class Stage1Objective(nn.Module):
     def forward(self, pixel_values: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
                 timesteps: torch.Tensor) -> torch.Tensor:
         """pixel_values: encoder input [B, 3, S, S]; latents: scaled VAE latents [B, C, h, w]."""
-        diffusion = self.model.diffusion
-        sched = diffusion.scheduler
-        noisy = sched.add_noise(latents, noise, timesteps)
         cond = self.model.caption_embedding(pixel_values)  # [B, Nq, D]
-        pred = diffusion.predict_noise(noisy.to(cond.dtype), timesteps, cond)
-        weights = snr_weights(sched, timesteps, self.loss_weighting, self.gamma)
-        return noise_prediction_loss(pred, _target(sched, latents, noise, timesteps), weights)
+        return denoising_loss(self.model.diffusion, cond, latents, noise, timesteps, self.loss_weighting,
+                              self.gamma)
 
 
 class Stage2Objective(nn.Module):

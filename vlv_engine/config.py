@@ -78,6 +78,10 @@ class DiffusionConfig:
     scheduler: dict[str, Any]  # must hold "_class_name"
     guidance_scale: float = 2.0
     num_inference_steps: int = 50
+    # Extra UNet input channels holding the (x, y) coordinates of each latent pixel. A
+    # small convolutional UNet barely knows where it is in the image, so it cannot tie
+    # "top left" in its conditioning to a place; SD-2.1 does not need them (0).
+    coord_channels: int = 0
 
 
 @dataclass
@@ -299,7 +303,7 @@ def _nano() -> VLVConfig:
         diffusion=DiffusionConfig(
             unet={
                 "sample_size": 16,
-                "in_channels": 4,
+                "in_channels": 6,  # 4 latent + 2 coordinate channels
                 "out_channels": 4,
                 "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
                 "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
@@ -323,6 +327,7 @@ def _nano() -> VLVConfig:
             },
             scheduler={**_ddpm(), "beta_schedule": "squaredcos_cap_v2"},
             num_inference_steps=50,
+            coord_channels=2,
         ),
         generation=GenerationConfig(max_new_tokens=40, num_beams=1),
     )

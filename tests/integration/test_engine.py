@@ -143,3 +143,29 @@ def test_caption_only_engine_refuses_reconstruct(rgb_images):
     assert engine.caption(rgb_images[:1])
     with pytest.raises(RuntimeError, match="no diffusion decoder"):
         engine.reconstruct(rgb_images[:1])
+
+
+def test_coordinate_channels_tell_the_unet_where_it_is():
+    from vlv_engine.models.diffusion import DiffusionDecoder, coordinate_grid
+
+    grid = coordinate_grid(torch.zeros(2, 4, 4, 8))
+    assert grid.shape == (2, 2, 4, 8)
+    assert torch.allclose(grid[0, 0, 0], torch.linspace(-7 / 8, 7 / 8, 8))  # x varies along width
+    assert torch.allclose(grid[0, 1, :, 0], torch.linspace(-3 / 4, 3 / 4, 4))  # y along height
+    from vlv_engine.config import preset
+
+    cfg = preset("tiny").diffusion
+    with pytest.raises(ValueError, match="in_channels"):
+        DiffusionDecoder.from_config(type(cfg)(**{**cfg.__dict__, "coord_channels": 2}))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])
+def test_samplers_are_reproducible(tiny, rgb_images, sampler):
+    a = tiny.reconstruct(rgb_images[:2], steps=3, seed=4, sampler=sampler)
+    b = tiny.reconstruct(rgb_images[:2], steps=3, seed=4, sampler=sampler)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
+def test_unknown_sampler_is_refused(tiny, rgb_images):
+    with pytest.raises(ValueError, match="unknown sampler"):
+        tiny.reconstruct(rgb_images[:1], sampler="euler-x")

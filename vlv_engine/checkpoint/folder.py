@@ -89,20 +89,20 @@ def _check_loading_info(component: str, folder: Path, info: dict) -> None:
         raise CheckpointError(f"{component} weights in {folder} do not match its config: {detail}")
 
 
-def _load_hf(component: str, cls, folder: Path, dtype: torch.dtype):
+def _load_component(component: str, cls, folder: Path, **kwargs):
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint is missing the {component} folder {folder}")
-    model, info = cls.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    model, info = cls.from_pretrained(folder, output_loading_info=True, **kwargs)
     _check_loading_info(component, folder, info)
     return model.eval()
+
+
+def _load_hf(component: str, cls, folder: Path, dtype: torch.dtype):
+    return _load_component(component, cls, folder, dtype=dtype)
 
 
 def _load_diffusers(component: str, cls, folder: Path, dtype: torch.dtype):
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint is missing the {component} folder {folder}")
-    model, info = cls.from_pretrained(folder, torch_dtype=dtype, output_loading_info=True)
-    _check_loading_info(component, folder, info)
-    return model.eval()
+    return _load_component(component, cls, folder, torch_dtype=dtype)
 
 
 def load_folder(path: str | Path, *, dtype: torch.dtype = torch.float32, load_caption_decoder: bool = True,
@@ -137,7 +137,8 @@ def load_folder(path: str | Path, *, dtype: torch.dtype = torch.float32, load_ca
         unet = _load_diffusers("unet", UNet2DConditionModel, path / "unet", dtype)
         vae = _load_diffusers("vae", AutoencoderKL, path / "vae", torch.float32)
         sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-        diffusion = DiffusionDecoder(unet, vae, scheduler_from_config(sched_cfg))
+        diffusion = DiffusionDecoder(unet, vae, scheduler_from_config(sched_cfg),
+                                     coord_channels=config.diffusion.coord_channels)
 
     model = VLVModel(config, encoder, bottleneck, decoder, diffusion)
     adapter = load_file(str(path / ADAPTER_NAME))

@@ -174,12 +174,13 @@ class Engine:
 
     @torch.no_grad()
     def reconstruct(self, images: Sequence[Any] | Any, *, steps: int | None = None,
-                    guidance_scale: float | None = None, seed: int = 0,
+                    guidance_scale: float | None = None, seed: int = 0, sampler: str | None = None,
                     batch_size: int | None = None) -> list[Image.Image]:
         """Images regenerated from their caption embeddings by the diffusion decoder.
 
         Each image's noise comes from its own generator seeded with `seed`, so the
-        result for an image does not depend on the batch it is in."""
+        result for an image does not depend on the batch it is in. `sampler` is "ddpm",
+        "ddim" or "dpm" (DPM-Solver++); None uses the model's own scheduler."""
         diffusion = self.model.diffusion
         if diffusion is None:
             raise RuntimeError("this engine has no diffusion decoder (caption-only model, or loaded with "
@@ -189,11 +190,13 @@ class Engine:
         guidance = cfg.guidance_scale if guidance_scale is None else guidance_scale
         loaded = self.load_images(images)
         uncond = self.unconditional_embedding()
+        diffusion.make_scheduler(sampler)  # reject an unknown sampler before any work
         out: list[Image.Image] = []
         for lo, hi in self._chunks(len(loaded), batch_size):
             cond = self.model.caption_embedding(self.pixel_values(loaded[lo:hi]))
             gens = [torch.Generator(device=self.device).manual_seed(seed) for _ in range(hi - lo)]
-            pixels = diffusion.sample(cond, uncond, steps=steps, guidance_scale=guidance, generators=gens)
+            pixels = diffusion.sample(cond, uncond, steps=steps, guidance_scale=guidance, generators=gens,
+                                      scheduler=diffusion.make_scheduler(sampler))
             out.extend(_to_pil(p) for p in pixels)
         return out
 

@@ -29,20 +29,39 @@ def scheduler_from_config(config: dict) -> SchedulerMixin:
     return cls.from_config(config)
 
 
+def coordinate_grid(like: torch.Tensor) -> torch.Tensor:
+    """[B, 2, h, w]: x and y of each position, in [-1, 1] (pixel centres)."""
+    b, _, h, w = like.shape
+    ys = (torch.arange(h, device=like.device, dtype=like.dtype) + 0.5) * (2.0 / h) - 1.0
+    xs = (torch.arange(w, device=like.device, dtype=like.dtype) + 0.5) * (2.0 / w) - 1.0
+    grid = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w)])  # [2, h, w]
+    return grid.expand(b, -1, -1, -1)
+
+
+# Samplers selectable per call; all read the model's own noise schedule.
+SAMPLERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
+
+
 class DiffusionDecoder(nn.Module):
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler: SchedulerMixin,
-                 vae_dtype: torch.dtype = torch.float32):
+                 vae_dtype: torch.dtype = torch.float32, coord_channels: int = 0):
         super().__init__()
         self.unet = unet
         self.vae = vae
         self.scheduler = scheduler
+        if coord_channels not in (0, 2):
+            raise ValueError(f"coord_channels must be 0 or 2, got {coord_channels}")
+        if unet.config.in_channels != vae.config.latent_channels + coord_channels:
+            raise ValueError(f"UNet in_channels {unet.config.in_channels} != VAE latent channels "
+                             f"{vae.config.latent_channels} + coord_channels {coord_channels}")
+        self.coord_channels = coord_channels
         # The official decoder runs the VAE in fp32 whatever the UNet's dtype.
         self.vae_dtype = vae_dtype
 
     @classmethod
     def from_config(cls, config: DiffusionConfig) -> "DiffusionDecoder":
         return cls(UNet2DConditionModel(**config.unet), AutoencoderKL(**config.vae),
-                   scheduler_from_config(config.scheduler))
+                   scheduler_from_config(config.scheduler), coord_channels=config.coord_channels)
 
     @property
     def scaling_factor(self) -> float:
@@ -54,7 +73,15 @@ class DiffusionDecoder(nn.Module):
 
     def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
         size = self.unet.config.sample_size
-        return (batch, self.unet.config.in_channels, size, size)
+        return (batch, self.vae.config.latent_channels, size, size)
+
+    def make_scheduler(self, sampler: str | None = None) -> SchedulerMixin:
+        """A fresh scheduler (schedulers keep per-run state) for `sampler`, or the model's own."""
+        if sampler is None:
+            return type(self.scheduler).from_config(self.scheduler.config)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+        return getattr(diffusers, SAMPLERS[sampler]).from_config(self.scheduler.config)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
@@ -71,6 +98,8 @@ class DiffusionDecoder(nn.Module):
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def predict_noise(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.coord_channels:
+            latents = torch.cat([latents, coordinate_grid(latents)], dim=1)  # [B, C + 2, h, w]
         return self.unet(latents, t, encoder_hidden_states=context).sample
 
     @torch.no_grad()
@@ -94,7 +123,7 @@ class DiffusionDecoder(nn.Module):
             raise ValueError(f"need one generator per image: got {len(generators)} for a batch of {batch}")
         unet_dtype = self.unet.dtype
         # 1. A fresh scheduler: schedulers keep per-run state (timesteps, step index).
-        sched = scheduler if scheduler is not None else type(self.scheduler).from_config(self.scheduler.config)
+        sched = scheduler if scheduler is not None else self.make_scheduler()
         sched.set_timesteps(steps, device=cond.device)
         # 2. Initial noise, one draw per item.
         latents = randn_tensor(self.latent_shape(batch), generator=list(generators), device=cond.device,

@@ -1,0 +1,81 @@
+"""The nano recipe end to end at a few steps per phase (the full run is not for CI)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vlv_engine import Engine, shapes
+from vlv_training.recipes import nano
+
+
+def test_vocabulary_and_context_fit_every_caption():
+    llm_tok, text_tok = nano.tokenizers()
+    rng = np.random.default_rng(0)
+    longest = max(len(text_tok(shapes.caption(shapes.sample_scene(rng, 2))).input_ids) for _ in range(2000))
+    assert longest <= nano.CONTEXT_LENGTH
+    caption = "a small blue square at the top and a large green triangle at the bottom right"
+    ids = llm_tok(caption).input_ids
+    assert ids[-1] == llm_tok.eos_token_id and llm_tok.unk_token_id not in ids
+    assert llm_tok.decode(ids, skip_special_tokens=True) == caption
+
+
+def test_config_is_consistent():
+    config = nano.nano_config()
+    assert config.encoder.num_queries == config.bottleneck.text_encoder["max_position_embeddings"]
+    assert config.diffusion.coord_channels == 2
+    assert config.diffusion.unet["in_channels"] == config.diffusion.vae["latent_channels"] + 2
+
+
+def test_phase_overrides_apply_to_their_phase_only(tmp_path):
+    cfg = nano.phase_config("teacher", tmp_path, ["teacher.steps=5", "stage1.steps=7", "teacher.optim.lr=0.01"])
+    assert cfg.steps == 5 and cfg.optim.lr == 0.01 and cfg.init == str(tmp_path / "vae" / "model")
+    assert nano.phase_config("stage1", tmp_path, ["teacher.steps=5", "stage1.steps=7"]).steps == 7
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nano")
+    sets = []
+    for phase in nano.PHASES:
+        sets += [f"{phase}.steps=2", f"{phase}.batch_size=2", f"{phase}.save_every=2", f"{phase}.log_every=1",
+                 f"{phase}.data.num_samples=16", f"{phase}.optim.warmup_steps=1"]
+    summary = nano.run(root, list(nano.PHASES), max_minutes=None, overrides=sets, progress=False)
+    return root, summary
+
+
+def test_micro_recipe_produces_a_captioning_model(micro_run):
+    root, summary = micro_run
+    assert list(summary) == list(nano.PHASES) and all(s["complete"] for s in summary.values())
+    engine = Engine.from_pretrained(root / "stage2" / "model")
+    assert engine.config.encoder.image_size == 64
+    image = shapes.render(shapes.sample_scene(np.random.default_rng(1)))
+    assert isinstance(engine.caption([image])[0], str)
+    assert engine.reconstruct([image], steps=2)[0].size == (64, 64)
+    log = [json.loads(line) for line in (root / "recipe_log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in log] == list(nano.PHASES) and "cpu_threads" in log[0]["machine"]
+
+
+def test_rerun_skips_finished_phases(micro_run):
+    root, _ = micro_run
+    assert nano.run(root, list(nano.PHASES), max_minutes=None, overrides=[], progress=False) == {}
+
+
+def test_phase_checks_run(micro_run):
+    root, _ = micro_run
+    t = nano.teacher_accuracy(root / "teacher" / "model", n=4, steps=2)
+    v = nano.vae_accuracy(root / "vae" / "model", n=4)
+    assert 0.0 <= t["color_and_cell"] <= 1.0 and t["n"] == 4
+    assert 0.0 <= v["color_and_cell"] <= 1.0
+
+
+def test_frozen_teacher_is_unchanged_by_stage1(micro_run):
+    from vlv_engine.checkpoint.folder import load_folder
+
+    root, _ = micro_run
+    teacher = load_folder(root / "teacher" / "model").model
+    after = load_folder(root / "stage1" / "model").model
+    for part in ("diffusion", "bottleneck"):
+        a, b = getattr(teacher, part).state_dict(), getattr(after, part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), part

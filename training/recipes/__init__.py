@@ -1,0 +1,1 @@
+"""Training recipes: one command each that reproduces a released model."""

@@ -1,0 +1,263 @@
+"""The nano recipe: the bundled Shapes World model, from nothing, on a CPU.
+
+    python -m vlv_training.recipes.nano --root runs/nano [--phases vae,teacher,stage1,stage2]
+                                        [--max-minutes 50] [--set teacher.steps=30000 ...]
+
+Four phases, each a run of the shared trainer that starts from the previous
+phase's model folder:
+
+1. vae      an AutoencoderKL for 64 px scenes (64x64x3 -> 16x16x4);
+2. teacher  a CLIP-style text encoder + text-conditioned UNet trained on (image,
+            caption) pairs: the stand-in for SD-2.1, which cannot be downloaded here.
+            Frozen from now on;
+3. stage1   the VLV encoder (a small Florence-2 + queries + phi) from images alone,
+            through the frozen teacher;
+4. stage2   psi + a small Qwen2 caption decoder on (image, caption) pairs.
+
+Every phase checkpoints and resumes; `--max-minutes` bounds one invocation so the
+recipe runs in chunks, and rerunning the same command continues where it stopped.
+A finished phase is skipped. `python -m vlv_training.recipes.nano --report` writes
+the metrics of every finished phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlv_engine import shapes
+from vlv_engine.checkpoint.folder import load_folder, save_folder
+from vlv_engine.config import VLVConfig, preset
+from vlv_engine.models import VLVModel
+from vlv_engine.tokenization import word_level_tokenizer
+from vlv_training.config import TrainConfig, apply_override, load_config
+from vlv_training.trainer import train
+
+PHASES = ("vae", "teacher", "stage1", "stage2")
+FLORENCE_PROMPT = "describe"
+# Every caption fits: at most 17 words + <s> + </s>.
+CONTEXT_LENGTH = 20
+
+
+def vocabulary() -> list[str]:
+    words = ["a", "at", "the", "and", *shapes.SIZES, *shapes.COLORS, *shapes.SHAPES, *shapes.ROWS,
+             *shapes.COLUMNS]
+    seen: list[str] = []
+    for w in words + [FLORENCE_PROMPT]:
+        if w not in seen:
+            seen.append(w)
+    return seen
+
+
+def tokenizers():
+    """(llm, text encoder) tokenizers: one word-level vocabulary. The LLM's adds </s> only
+    (the prefix replaces a prompt); the text encoder's adds <s> ... </s> as CLIP does."""
+    words = vocabulary()
+    llm = word_level_tokenizer(words, add_bos=False, add_eos=True, model_max_length=64)
+    text = word_level_tokenizer(words, add_bos=True, add_eos=True, model_max_length=CONTEXT_LENGTH)
+    return llm, text
+
+
+def nano_config() -> VLVConfig:
+    config = preset("nano")
+    llm_tok, text_tok = tokenizers()
+    vocab = 64
+    assert len(llm_tok) <= vocab
+    specials = {"pad_token_id": llm_tok.pad_token_id, "bos_token_id": llm_tok.bos_token_id,
+                "eos_token_id": llm_tok.eos_token_id}
+    config.encoder.num_queries = CONTEXT_LENGTH
+    config.encoder.prompt = FLORENCE_PROMPT
+    config.encoder.prompt_ids = text_tok(FLORENCE_PROMPT).input_ids
+    config.encoder.florence["text_config"]["vocab_size"] = vocab
+    config.bottleneck.text_encoder.update(max_position_embeddings=CONTEXT_LENGTH, vocab_size=vocab, **specials)
+    config.caption_decoder.llm.update(vocab_size=vocab, **specials)
+    return config
+
+
+def init_model(path: Path, seed: int = 0) -> Path:
+    """Random weights for every component, saved as the recipe's starting folder."""
+    torch.manual_seed(seed)
+    model = VLVModel.from_config(nano_config())
+    llm_tok, text_tok = tokenizers()
+    return save_folder(path, model, llm_tokenizer=llm_tok, text_tokenizer=text_tok)
+
+
+# What each phase runs; every field can be overridden with --set PHASE.FIELD=VALUE.
+PHASE_SETTINGS: dict[str, dict[str, Any]] = {
+    "vae": {"steps": 800, "batch_size": 32, "optim": {"lr": 1e-3, "warmup_steps": 50, "min_lr_ratio": 0.1,
+                                                     "weight_decay": 0.0},
+            "data": {"num_samples": 200_000, "seed": 1}, "save_every": 200},
+    "teacher": {"steps": 20_000, "batch_size": 64, "loss_weighting": "min_snr", "caption_dropout": 0.1,
+                "optim": {"lr": 1e-3, "warmup_steps": 500, "min_lr_ratio": 0.1, "weight_decay": 0.0},
+                "data": {"num_samples": 100_000, "seed": 2}, "save_every": 500},
+    "stage1": {"steps": 20_000, "batch_size": 64, "loss_weighting": "min_snr",
+               # The nano Florence-2 starts random, so its vision tower trains too (the
+               # paper's is pretrained and frozen).
+               "trainable": ["florence_vision", "florence_language", "queries", "language_proj"],
+               "optim": {"lr": 5e-4, "warmup_steps": 500, "min_lr_ratio": 0.1},
+               "data": {"num_samples": 100_000, "seed": 3}, "save_every": 500},
+    "stage2": {"steps": 6_000, "batch_size": 64,
+               "optim": {"lr": 1e-3, "warmup_steps": 200, "min_lr_ratio": 0.05},
+               "data": {"num_samples": 100_000, "seed": 4, "max_caption_tokens": 24}, "save_every": 500},
+}
+
+
+def phase_config(phase: str, root: Path, overrides: list[str]) -> TrainConfig:
+    data = json.loads(json.dumps(PHASE_SETTINGS[phase]))
+    previous = root / "init" if phase == "vae" else root / PHASES[PHASES.index(phase) - 1] / "model"
+    data.update(stage=phase, init=str(previous), out_dir=str(root / phase), log_every=25)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        target, _, field = key.partition(".")
+        if target == phase:
+            apply_override(data, f"{field}={value}")
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in data.items()])
+
+
+def phase_done(root: Path, phase: str) -> bool:
+    return (root / phase / "model" / "vlv.json").is_file()
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+@torch.no_grad()
+def teacher_accuracy(model_dir: Path, n: int = 60, steps: int = 20, guidance_scale: float = 3.0,
+                     seed: int = 7) -> dict[str, float]:
+    """Does the teacher draw what its caption asks for? Single-object captions -> images ->
+    colour and cell read back. Stage 1 cannot learn what the teacher does not render."""
+    from vlv_engine.evaluation import EVAL_SEED, eval_scenes
+
+    loaded = load_folder(model_dir, load_caption_decoder=False)
+    model, tok = loaded.model, loaded.text_tokenizer
+    nq = model.config.encoder.num_queries
+    scenes = eval_scenes(n, EVAL_SEED + seed, num_objects=1)
+    ids = tok([shapes.caption(s) for s in scenes], padding="max_length", max_length=nq, truncation=True,
+              return_tensors="pt").input_ids
+    uncond = model.bottleneck.encode_ids(tok([""], padding="max_length", max_length=nq,
+                                             return_tensors="pt").input_ids)
+    cond = model.bottleneck.encode_ids(ids)
+    sched = model.diffusion.make_scheduler("dpm")
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    images = model.diffusion.sample(cond, uncond, steps=steps, guidance_scale=guidance_scale, generators=gens,
+                                    scheduler=sched)
+    hits = {"color": 0, "cell": 0, "color_and_cell": 0}
+    for scene, img in zip(scenes, images):
+        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        got = shapes.read_back(arr)
+        obj = scene[0]
+        c = got is not None and got[0] == obj.color
+        p = got is not None and got[1:] == (obj.row, obj.col)
+        hits["color"] += c
+        hits["cell"] += p
+        hits["color_and_cell"] += c and p
+    return {k: v / n for k, v in hits.items()} | {"n": float(n)}
+
+
+@torch.no_grad()
+def vae_accuracy(model_dir: Path, n: int = 100) -> dict[str, float]:
+    """Colour and cell read back from VAE reconstructions of held-out single objects."""
+    from vlv_engine.evaluation import EVAL_SEED, eval_scenes
+    from vlv_engine.images import preprocess
+
+    from PIL import Image
+
+    model = load_folder(model_dir, load_caption_decoder=False).model
+    scenes = eval_scenes(n, EVAL_SEED + 11, num_objects=1)
+    x = preprocess([Image.fromarray(shapes.render(s)) for s in scenes], shapes.CANVAS, (0.5,) * 3, (0.5,) * 3)
+    recon = model.diffusion.decode(model.diffusion.encode(x, sample=False))
+    ok = 0
+    for scene, img in zip(scenes, recon):
+        got = shapes.read_back((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        ok += got == (scene[0].color, scene[0].row, scene[0].col)
+    return {"color_and_cell": ok / n, "n": float(n)}
+
+
+def machine() -> dict[str, Any]:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu_threads": torch.get_num_threads()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run(root: Path, phases: list[str], *, max_minutes: float | None, overrides: list[str],
+        progress: bool = True) -> dict[str, Any]:
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "init" / "vlv.json").is_file():
+        init_model(root / "init")
+    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
+    summary: dict[str, Any] = {}
+    for phase in phases:
+        if phase_done(root, phase):
+            continue
+        if PHASES.index(phase) > 0 and not phase_done(root, PHASES[PHASES.index(phase) - 1]):
+            raise RuntimeError(f"phase {phase} needs {PHASES[PHASES.index(phase) - 1]} to finish first")
+        cfg = phase_config(phase, root, overrides)
+        if deadline is not None:
+            cfg.max_minutes = max(0.0, (deadline - time.monotonic()) / 60)
+        result = train(cfg, progress=progress)
+        summary[phase] = result
+        _append_log(root, {"phase": phase, **result, "machine": machine()})
+        if not result["complete"]:
+            break
+    return summary
+
+
+def _append_log(root: Path, record: dict[str, Any]) -> None:
+    with open(root / "recipe_log.jsonl", "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+
+
+def bundle(root: Path, dest: Path) -> Path:
+    """Copy the finished model into the package (the default of Engine.from_pretrained())."""
+    src = root / "stage2" / "model"
+    if not (src / "vlv.json").is_file():
+        raise RuntimeError(f"{src} does not exist: finish the recipe first")
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the nano Shapes World model from scratch.")
+    parser.add_argument("--root", type=Path, default=Path("runs/nano"))
+    parser.add_argument("--phases", default=",".join(PHASES))
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
+    parser.add_argument("--set", action="append", default=[], metavar="PHASE.FIELD=VALUE")
+    parser.add_argument("--check", choices=["vae", "teacher"], help="measure a finished phase and exit")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    if args.check == "vae":
+        print(json.dumps(vae_accuracy(args.root / "vae" / "model")))
+        return
+    if args.check == "teacher":
+        print(json.dumps(teacher_accuracy(args.root / "teacher" / "model")))
+        return
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        parser.error(f"unknown phase(s) {sorted(unknown)}; choose from {PHASES}")
+    print(json.dumps(run(args.root, phases, max_minutes=args.max_minutes, overrides=args.set,
+                         progress=not args.quiet), default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""y = GELU(x @ weight^T + bias) in one kernel: the first Linear and the GELU of phi/psi.
+
+``approximate`` follows nn.GELU: 'none' (exact erf, the default) or 'tanh'. Custom op
+``vlv::linear_gelu``; forward only (inference path): backward through it raises.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vlv_engine.ops import reference
+from vlv_engine.ops._runtime import backend_for, dot_precision, kernel, rows, upcast_in_kernel
+
+_GELU_APPROXIMATIONS = ("none", "tanh")
+
+
+def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str) -> None:
+    if approximate not in _GELU_APPROXIMATIONS:
+        raise ValueError(f"linear_gelu: approximate must be one of {_GELU_APPROXIMATIONS}, got {approximate!r}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"linear_gelu: weight shape {tuple(weight.shape)} does not take inputs of "
+                         f"size {x.shape[-1]} (expected [out, {x.shape[-1]}])")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"linear_gelu: bias shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+
+
+def _use_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    same_dtype = weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+    return (backend_for(x) == "triton" and same_dtype
+            and x.dtype in (torch.float32, torch.float16, torch.bfloat16))
+
+
+def _blocks(m: int, n: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    # M is batch x Nq (77 per image): small tiles for single images, 64 beyond.
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    block_n = 64 if n <= 64 else 128
+    block_k = 32 if dtype == torch.float32 else 64
+    return block_m, block_n, block_k
+
+
+def linear_gelu_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str = "none") -> Tensor:
+    """Launch the Triton kernel; the output is contiguous [..., out_features]."""
+    from vlv_engine.ops.triton.linear_gelu import linear_gelu_fwd_kernel
+
+    _check(x, weight, bias, approximate)
+    n, k = weight.shape
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    x2 = rows(x)  # [M, K]
+    y2 = y.view(-1, n)  # [M, N]
+    m = x2.shape[0]
+    block_m, block_n, block_k = _blocks(m, n, x.dtype)
+    grid = (((m + block_m - 1) // block_m) * ((n + block_n - 1) // block_n),)
+    kernel(linear_gelu_fwd_kernel)[grid](
+        x2, weight, bias if bias is not None else weight, y2,
+        m, n, k,
+        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y2.stride(0), y2.stride(1),
+        HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+        UPCAST=upcast_in_kernel(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
+        num_warps=4, num_stages=3,
+    )
+    return y
+
+
+@torch.library.custom_op("vlv::linear_gelu", mutates_args=())
+def _linear_gelu_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
+    if _use_triton(x, weight, bias):
+        return linear_gelu_triton(x, weight, bias, approximate)
+    _check(x, weight, bias, approximate)
+    return reference.linear_gelu(x, weight, bias, approximate).contiguous()
+
+
+@_linear_gelu_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
+    _check(x, weight, bias, approximate)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, approximate: str = "none") -> Tensor:
+    """GELU(x @ weight^T + bias); weight is [out, in] as in nn.Linear."""
+    return torch.ops.vlv.linear_gelu(x, weight, bias, approximate)
