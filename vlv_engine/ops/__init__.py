@@ -14,7 +14,9 @@ package never imports triton. Forward only: the ops have no backward.
 from vlv_engine.ops import reference
 from vlv_engine.ops._runtime import available, backend_for
 from vlv_engine.ops.attention import attention
+from vlv_engine.ops.fused_modules import FusedLayerNorm, FusedLinearGELU, fuse_projector
 from vlv_engine.ops.layer_norm import layer_norm
 from vlv_engine.ops.linear_gelu import linear_gelu
 
-__all__ = ["attention", "available", "backend_for", "layer_norm", "linear_gelu", "reference"]
+__all__ = ["FusedLayerNorm", "FusedLinearGELU", "attention", "available", "backend_for", "fuse_projector", "layer_norm",
+           "linear_gelu", "reference"]

@@ -71,7 +71,8 @@ def kernel(jit_fn: Any) -> Any:
     triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when its module is
     first imported; re-wrapping the plain function here makes the launch independent
     of import order (tests switch the interpreter on per test, not per process).
-    Kernels must not call other @triton.jit functions for this to hold.
+    For this to hold, kernels call no @triton.jit function, triton.language's own
+    included (tl.sum, tl.zeros, ...: see vlv_engine/ops/triton/layer_norm.py).
     """
     from triton.runtime.interpreter import InterpretedFunction
 

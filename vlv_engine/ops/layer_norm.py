@@ -32,8 +32,11 @@ def _check(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual
         raise ValueError(f"layer_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
 
 
-def _use_triton(x: Tensor) -> bool:
-    return backend_for(x) == "triton" and x.is_floating_point() and 0 < x.shape[-1] <= MAX_TRITON_HIDDEN
+def _use_triton(x: Tensor, *others: Optional[Tensor]) -> bool:
+    # Mixed dtypes promote in the reference; the kernel would store in x's dtype.
+    same_dtype = all(t is None or t.dtype == x.dtype for t in others)
+    return (backend_for(x) == "triton" and same_dtype and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and 0 < x.shape[-1] <= MAX_TRITON_HIDDEN)
 
 
 def layer_norm_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -67,7 +70,8 @@ def layer_norm_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
 
 @torch.library.custom_op("vlv::layer_norm", mutates_args=())
 def _layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
-    if _use_triton(x):
+    _check(x, weight, bias, None)
+    if _use_triton(x, weight, bias):
         return layer_norm_triton(x, weight, bias, eps)[0]
     return reference.layer_norm(x, weight, bias, eps).contiguous()
 
@@ -81,7 +85,8 @@ def _(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -
 @torch.library.custom_op("vlv::add_layer_norm", mutates_args=())
 def _add_layer_norm_op(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                        eps: float) -> tuple[Tensor, Tensor]:
-    if _use_triton(x):
+    _check(x, weight, bias, residual)
+    if _use_triton(x, residual, weight, bias):
         y, s = layer_norm_triton(x, weight, bias, eps, residual)
         return y, s
     y, s = reference.add_layer_norm(x, residual, weight, bias, eps)

@@ -56,7 +56,7 @@ def linear_gelu_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], approx
     block_m, block_n, block_k = _blocks(m, n, x.dtype)
     grid = (((m + block_m - 1) // block_m) * ((n + block_n - 1) // block_n),)
     kernel(linear_gelu_fwd_kernel)[grid](
-        x2, weight, bias if bias is not None else weight, y2,
+        x2, weight, bias.contiguous() if bias is not None else weight, y2,  # the kernel reads bias with unit stride
         m, n, k,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y2.stride(0), y2.stride(1),
         HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",
@@ -69,9 +69,9 @@ def linear_gelu_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], approx
 
 @torch.library.custom_op("vlv::linear_gelu", mutates_args=())
 def _linear_gelu_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
+    _check(x, weight, bias, approximate)
     if _use_triton(x, weight, bias):
         return linear_gelu_triton(x, weight, bias, approximate)
-    _check(x, weight, bias, approximate)
     return reference.linear_gelu(x, weight, bias, approximate).contiguous()
 
 

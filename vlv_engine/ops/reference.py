@@ -37,8 +37,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool
     """softmax(q k^T * scale [+ causal mask]) v on [B, H, L, D] tensors.
 
     scale defaults to 1/sqrt(D). Causal is top-left aligned, as in SDPA's is_causal:
-    query i attends to keys 0..i. The softmax runs in fp32 (as SDPA's math path does
-    for half inputs); the matmuls run in the input dtype.
+    query i attends to keys 0..i. The softmax runs in at least fp32 (as SDPA's math
+    path does for half inputs); the matmuls run in the input dtype.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # [B, H, Lq, Lk]
@@ -46,5 +46,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool
         lq, lk = scores.shape[-2:]
         allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
     return torch.matmul(probs, v)  # [B, H, Lq, Dv]

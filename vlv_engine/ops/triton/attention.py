@@ -20,6 +20,9 @@ Design and trade-offs:
 - fp32 inputs use an IEEE dot unless torch allows TF32 (DOT_PRECISION). fp16/bf16:
   tensor-core dots with fp32 accumulation; P is rounded to V's dtype for the second
   dot, as FlashAttention does. UPCAST (interpreter + bf16 only) loads to fp32.
+- Only builtins: row max and sum via tl.reduce with triton's own combine functions
+  (what tl.max and tl.sum expand to for fp32), tl.full for tl.zeros; see the note in
+  layer_norm.py on the interpreter.
 - Forward only: no logsumexp is saved, there is no backward (inference path).
 """
 
@@ -60,8 +63,8 @@ def attention_fwd_kernel(
         q = q.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
 
     hi = LK
     if IS_CAUSAL:
@@ -83,10 +86,10 @@ def attention_fwd_kernel(
             valid = valid & (cols[None, :] <= offs_m[:, None])
         qk = tl.where(valid, qk, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_new = tl.maximum(m_i, tl.reduce(qk, 1, tl.standard._elementwise_max))
         alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
         p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new

@@ -15,6 +15,13 @@ Design and trade-offs:
   exactly the tensor that was normalised.
 - Every load is cast to fp32 at once (also what Triton's CPU interpreter needs for bf16).
 - Assumes the last dim is contiguous (stride 1); rows may have any stride.
+- Only Triton builtins are called. tl.sum, tl.max, tl.zeros, tl.cdiv, tl.sigmoid are
+  themselves @triton.jit functions, and Triton's interpreter cannot call one that was
+  decorated before TRITON_INTERPRET was set (torch._dynamo, hence transformers, imports
+  triton early: tests would depend on import order). Sums are therefore spelled
+  tl.reduce(x, axis, tl.standard._sum_combine), exactly what tl.sum expands to for
+  fp32; tl.reduce is a builtin the interpreter replaces, and it recognises triton's own
+  combine functions (a private name: tests/ops/test_runtime.py guards it).
 """
 
 import triton
@@ -40,9 +47,9 @@ def layer_norm_fwd_kernel(
         tl.store(S + row * stride_s + cols, s, mask=mask)
         x = s.to(tl.float32)
 
-    mean = tl.sum(x, axis=0) / N
+    mean = tl.reduce(x, 0, tl.standard._sum_combine) / N
     xc = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(xc * xc, axis=0) / N
+    var = tl.reduce(xc * xc, 0, tl.standard._sum_combine) / N
     y = xc * (1.0 / tl.sqrt(var + eps))
     if HAS_WEIGHT:
         y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)

@@ -17,7 +17,10 @@ Design and trade-offs:
 - Exact GELU: 0.5 x (1 + erf(x / sqrt 2)), nn.GELU()'s default. Tanh GELU is written
   x * sigmoid(2 u), u = sqrt(2/pi)(x + 0.044715 x^3), the same function as
   0.5 x (1 + tanh u) without tl.extra.libdevice (not in the interpreter) and without
-  the cancellation of 1 + tanh u for negative x.
+  the cancellation of 1 + tanh u for negative x; the sigmoid is spelled out with tl.exp.
+- Only builtins (no tl.cdiv, tl.sigmoid, tl.zeros: those are @triton.jit functions,
+  which the interpreter cannot call when triton was imported before TRITON_INTERPRET
+  was set; see layer_norm.py).
 - UPCAST (set only in the interpreter, for bf16): loads go to fp32 because the
   interpreter's dot would multiply raw bf16 bit patterns.
 """
@@ -36,11 +39,11 @@ def linear_gelu_fwd_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
     group = GROUP_M * num_pid_n
     first_m = (pid // group) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group) % group_m
     pid_n = (pid % group) // group_m
 
@@ -50,7 +53,7 @@ def linear_gelu_fwd_kernel(
     x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
     w_ptrs = W + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N] = W^T tile
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + offs_k) < K
         x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
@@ -65,7 +68,8 @@ def linear_gelu_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if APPROX_TANH:
-        y = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))  # 2 * sqrt(2 / pi)
+        z = 1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)  # 2 * sqrt(2 / pi) * (...)
+        y = acc / (1.0 + tl.exp(-z))  # x * sigmoid(z); exp overflow -> inf -> y = 0, the right limit
     else:
         y = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))  # 1 / sqrt(2)
 
