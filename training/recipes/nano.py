@@ -129,14 +129,41 @@ def phase_done(root: Path, phase: str) -> bool:
 # ----------------------------------------------------------------------------- checks
 
 
+def phase_model(root: Path, phase: str):
+    """A phase's model: its final folder, or else its init folder with the trainable weights
+    of its latest checkpoint (to measure a phase while it is still training)."""
+    from safetensors.torch import load_file
+
+    from vlv_training.state import list_checkpoints
+
+    final = root / phase / "model"
+    if (final / "vlv.json").is_file():
+        return load_folder(final, load_caption_decoder=False)
+    checkpoints = list_checkpoints(root / phase)
+    if not checkpoints:
+        raise RuntimeError(f"phase {phase} has neither a model nor a checkpoint under {root / phase}")
+    cfg = json.loads((root / phase / "config.json").read_text())
+    loaded = load_folder(Path(cfg["init"]), load_caption_decoder=False)
+    weights = load_file(str(checkpoints[-1] / "weights.safetensors"))
+    params = dict(loaded.model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            if name in params:
+                params[name].copy_(value)
+    return loaded
+
+
 @torch.no_grad()
-def teacher_accuracy(model_dir: Path, n: int = 60, steps: int = 20, guidance_scale: float = 3.0,
+def teacher_accuracy(root_or_model: Path, n: int = 60, steps: int = 20, guidance_scale: float = 3.0,
                      seed: int = 7) -> dict[str, float]:
     """Does the teacher draw what its caption asks for? Single-object captions -> images ->
-    colour and cell read back. Stage 1 cannot learn what the teacher does not render."""
+    colour and cell read back. Stage 1 cannot learn what the teacher does not render.
+    Takes a model folder, or a recipe root (then the teacher's latest checkpoint counts)."""
     from vlv_engine.evaluation import EVAL_SEED, eval_scenes
 
-    loaded = load_folder(model_dir, load_caption_decoder=False)
+    path = Path(root_or_model)
+    loaded = (load_folder(path, load_caption_decoder=False) if (path / "vlv.json").is_file()
+              else phase_model(path, "teacher"))
     model, tok = loaded.model, loaded.text_tokenizer
     nq = model.config.encoder.num_queries
     scenes = eval_scenes(n, EVAL_SEED + seed, num_objects=1)
@@ -249,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(vae_accuracy(args.root / "vae" / "model")))
         return
     if args.check == "teacher":
-        print(json.dumps(teacher_accuracy(args.root / "teacher" / "model")))
+        print(json.dumps(teacher_accuracy(args.root)))
         return
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     unknown = set(phases) - set(PHASES)
