@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
@@ -40,39 +41,61 @@ def _load_engine(args: argparse.Namespace, **kwargs):
     return Engine.from_pretrained(args.model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]), **kwargs)
 
 
-def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
 def cmd_caption(args: argparse.Namespace) -> int:
-    paths = expand_inputs(args.inputs)
-    if not paths:
-        print("vlv caption: no input images found", file=sys.stderr)
-        return EXIT_USAGE
-    engine = _load_engine(args, load_diffusion=False)
+    from vlv_engine.batch import (InputSpecError, JobOptions, ManifestError, OutputError, UsageError,
+                                  caption_dataset, collect_items)
+
+    fmt = args.format or ("parquet" if args.out and args.out.lower().endswith(".parquet") else "jsonl")
+    workers = args.workers if args.workers is not None else max(1, min(8, (os.cpu_count() or 2) // 2))
     generation = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens)) if v}
     if args.postprocess:
         generation["postprocess"] = True
-    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
-    failures = 0
+    options = JobOptions(out=args.out, format=fmt, manifest=args.manifest, errors=args.errors,
+                         batch_size=args.batch_size, workers=workers, shard_index=args.shard_index,
+                         num_shards=args.num_shards, retry_failed=args.retry_failed,
+                         embedding_cache=args.embedding_cache, generation=generation,
+                         image_column=args.image_column, progress=not args.quiet,
+                         flush_seconds=args.flush_seconds)
+    if args.max_pixels is not None:
+        options.max_pixels = args.max_pixels or None  # 0: no limit of ours (Pillow's still applies)
     try:
-        for chunk in _chunks(paths, args.batch_size):
-            for path, result in zip(chunk, engine.caption_results(chunk, batch_size=args.batch_size, **generation)):
-                if result.ok:
-                    record = {"path": path, "caption": result.value}
-                else:
-                    failures += 1
-                    # The error's index counts within this chunk; the path names the item.
-                    reason = getattr(result.error, "reason", str(result.error))
-                    record = {"path": path, "error": reason}
-                    print(f"vlv caption: {path}: {reason}", file=sys.stderr)
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    return EXIT_FAILURES if failures else EXIT_OK
+        # Inputs first: a wrong path is reported before the model is loaded.
+        items = collect_items(args.inputs, image_column=args.image_column, shard_index=args.shard_index,
+                              num_shards=args.num_shards)
+        if not items:
+            print("vlv caption: no input images found", file=sys.stderr)
+            return EXIT_USAGE
+        engine = _load_engine(args, load_diffusion=False)
+        _share_cores_with_decoders(args.device, workers)
+        summary = caption_dataset(engine, items, options, on_failure=None if args.quiet else _report_failure)
+    except (InputSpecError, OutputError, ManifestError, UsageError) as err:
+        print(f"vlv caption: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("vlv caption: interrupted; finished batches are kept, rerun the command to continue", file=sys.stderr)
+        return 130  # the shell's code for SIGINT
+    if not args.quiet:
+        where = f" (listed in {summary.paths.errors})" if summary.failed and summary.paths.errors else ""
+        print(f"vlv caption: {summary.total} items: {summary.captioned} captioned, {summary.reused} reused, "
+              f"{summary.already_done} done before, {summary.failed} failed{where}; {summary.seconds:.1f} s, "
+              f"{summary.images_per_second():.1f} images/s", file=sys.stderr)
+    return EXIT_FAILURES if summary.failed else EXIT_OK
+
+
+def _share_cores_with_decoders(device: str, workers: int) -> None:
+    # On a CPU the model's thread team and the decode processes would oversubscribe
+    # the cores, and an OpenMP team with a descheduled thread stalls every op.  An
+    # explicit OMP_NUM_THREADS wins.
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
+
+
+def _report_failure(item, reason: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(f"vlv caption: {item.path}: {reason}", file=sys.stderr)  # keeps the progress bar intact
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -155,15 +178,37 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu")
         p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
 
-    p = sub.add_parser("caption", help="caption images; writes JSONL {path, caption} (or {path, error})")
-    p.add_argument("inputs", nargs="+", help="image files or folders (recursive)")
+    p = sub.add_parser("caption", help="caption images exactly once (resumable); JSONL {id, path, caption, ...}")
+    p.add_argument("inputs", nargs="+", help="image files, folders (recursive), globs, @list.txt (one per line), "
+                                             "webdataset .tar shards, .parquet files")
     model_args(p)
-    p.add_argument("--out", help="JSONL output file (default: stdout)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", help="a .jsonl or .parquet file, or a folder for --format tar (default: JSONL on "
+                                 "stdout, nothing kept for a rerun)")
+    p.add_argument("--format", choices=["jsonl", "txt", "tar", "parquet"],
+                   help="jsonl (default), txt (sidecars next to the images), tar (webdataset shards), "
+                        "parquet (needs pyarrow); default from --out's suffix")
+    p.add_argument("--errors", help="failed items as JSONL {id, path, reason} (default: beside --out)")
+    p.add_argument("--manifest", help="the job's state, SQLite (default: beside --out; required for txt)")
+    p.add_argument("--batch-size", type=int, default=8, help="starting batch size; halved on out-of-memory")
+    p.add_argument("--workers", type=int, help="image decoding processes (default: half the cores, at most 8; "
+                                               "0: decode in this process)")
+    p.add_argument("--max-pixels", type=int, help="refuse larger images, from their header "
+                                                  "(default 64 Mi pixels; 0: Pillow's limit only)")
     p.add_argument("--num-beams", type=int)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--postprocess", action="store_true", help="official trimming: cut at the last period, "
                                                               "drop repeated sentences")
+    p.add_argument("--shard-index", type=int, default=0, help="this task's shard of a cluster array")
+    p.add_argument("--num-shards", type=int, default=1, help="shards in the array (items split by a stable "
+                                                             "hash of their id; each shard has its own files)")
+    p.add_argument("--retry-failed", action="store_true", help="try the items that failed before again")
+    p.add_argument("--embedding-cache", metavar="DIR", help="keep caption embeddings here, so new generation "
+                                                            "settings or decoders skip the image encoder")
+    p.add_argument("--image-column", help="parquet inputs: the column holding image bytes or paths")
+    p.add_argument("--flush-seconds", type=float, default=1.0, help="write, fsync and commit finished batches "
+                                                                   "this often: the most work a crash can cost "
+                                                                   "(0: after every batch)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, failures or summary on stderr")
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("reconstruct", help="regenerate images from their caption embeddings")

@@ -16,7 +16,9 @@ Spec rules (in this order):
   used (webdataset samples hold one image).
 * ``*.parquet``: one item per row of its image column (bytes, a path, or a
   ``{bytes, path}`` struct as Hugging Face datasets write); needs pyarrow.
-* a pattern with ``*``, ``?`` or ``[`` that is not an existing path: a recursive glob.
+* a pattern with ``*``, ``?`` or ``[`` that is not an existing path: a recursive glob,
+  sorted; of its matches, folders are expanded (except under ``**``, whose file
+  matches are enough) and files are kept if they are images, tar shards or parquet.
 * anything else: one file, even if missing (it is then reported per item, not here).
 
 An item listed twice (the same ``item_id``) is kept once, at its first position.
@@ -29,7 +31,7 @@ import hashlib
 import logging
 import os
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,7 @@ TAR_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 # Column names tried, in order, when a parquet file's image column is not named.
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes")
 _GLOB_CHARS = frozenset("*?[")
+_GLOB_SUFFIXES = IMAGE_SUFFIXES | {".tar", ".parquet"}
 
 
 class InputSpecError(ValueError):
@@ -162,9 +165,11 @@ def _expand(spec: str, image_column: str | None, depth: int, base: str = "") -> 
         if not matches:
             log.warning("pattern %r matches nothing", path)
         for match in matches:
-            if os.path.isdir(match) and "**" in spec:
-                continue  # "**" matches folders and their files; the files are enough
-            yield from _expand(match, image_column, depth + 1)
+            if os.path.isdir(match):
+                if "**" not in spec:  # "**" also matches every file inside
+                    yield from _from_folder(match)
+            elif os.path.splitext(match)[1].lower() in _GLOB_SUFFIXES:
+                yield from _expand(match, image_column, depth + 1)
     else:
         yield _file_item(path)
 
@@ -282,8 +287,3 @@ def _read_parquet_cell(source: ParquetCellSource) -> bytes:
             return fp.read()
     raise ValueError(f"parquet cell is {type(value).__name__}, not image bytes or a path")
 
-
-def unique(items: Iterable[Item]) -> list[Item]:
-    """Items with duplicate ids dropped (first kept), for callers building lists by hand."""
-    seen: set[str] = set()
-    return [it for it in items if not (it.item_id in seen or seen.add(it.item_id))]

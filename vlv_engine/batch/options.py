@@ -1,0 +1,96 @@
+"""What a batch captioning job is asked to do, and where its files go."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlv_engine.images import DEFAULT_MAX_PIXELS
+
+__all__ = ["JobOptions", "JobPaths", "RunSummary", "UsageError"]
+
+
+class UsageError(ValueError):
+    """The job cannot start as asked (exit status 2)."""
+
+
+@dataclass
+class JobOptions:
+    # jsonl / parquet: a file; tar: a folder; txt: unused (sidecars go next to the
+    # images).  jsonl with None streams to ``stream`` (stdout): no state, no resume.
+    out: str | Path | None = None
+    format: str = "jsonl"  # jsonl | txt | tar | parquet
+    manifest: str | Path | None = None  # default: beside the output
+    errors: str | Path | None = None  # default: beside the output
+    batch_size: int = 8
+    workers: int = 2  # decode processes; 0 decodes in this process
+    max_in_flight: int | None = None  # decoded batches waiting (default 2 x workers)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    shard_index: int = 0
+    num_shards: int = 1
+    retry_failed: bool = False
+    flush_seconds: float = 1.0  # write + fsync + commit at most this often (0: every batch)
+    embedding_cache: str | Path | None = None
+    generation: dict[str, Any] = field(default_factory=dict)
+    image_column: str | None = None  # parquet inputs
+    progress: bool = False
+    tar_max_per_shard: int = 10_000
+    stream: Any = None  # a text stream for out=None (default sys.stdout)
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    out: Path | None
+    manifest: Path | None  # None: a temporary one (streaming to stdout)
+    errors: Path | None  # None: failures are only reported, not written
+    tar_prefix: str
+
+    @classmethod
+    def resolve(cls, options: JobOptions) -> "JobPaths":
+        """Defaults beside the output; with ``num_shards > 1`` every default name (and
+        the output itself) gets ``.SSSSS-of-NNNNN`` so array tasks never share a file."""
+        tag = f".{options.shard_index:05d}-of-{options.num_shards:05d}" if options.num_shards > 1 else ""
+        fmt = options.format
+        if fmt == "txt":
+            if options.manifest is None:
+                raise UsageError("txt sidecars need --manifest PATH (where the job's state is kept)")
+            manifest = _tagged(Path(options.manifest), tag)
+            errors = Path(options.errors) if options.errors else manifest.with_name(f"{manifest.stem}.errors.jsonl")
+            return cls(None, manifest, errors, "")
+        if options.out is None:
+            if fmt != "jsonl":
+                raise UsageError(f"{fmt} output needs an output path")
+            return cls(None, None, Path(options.errors) if options.errors else None, "")
+        out = Path(options.out)
+        if fmt == "tar":
+            manifest = Path(options.manifest) if options.manifest else out / f"manifest{tag}.sqlite"
+            errors = Path(options.errors) if options.errors else out / f"errors{tag}.jsonl"
+            return cls(out, manifest, errors, f"captions{tag}")
+        out = _tagged(out, tag)
+        manifest = Path(options.manifest) if options.manifest else out.with_name(f"{out.name}.manifest.sqlite")
+        errors = Path(options.errors) if options.errors else out.with_name(f"{out.stem}.errors.jsonl")
+        return cls(out, _tagged(manifest, tag) if options.manifest else manifest,
+                   _tagged(errors, tag) if options.errors else errors, "")
+
+
+def _tagged(path: Path, tag: str) -> Path:
+    return path.with_name(f"{path.stem}{tag}{path.suffix}") if tag else path
+
+
+@dataclass
+class RunSummary:
+    total: int = 0  # items in this job (this shard)
+    already_done: int = 0  # finished before this run, skipped without reading
+    captioned: int = 0  # captions computed by the model in this run
+    reused: int = 0  # written from earlier results (same bytes elsewhere, a lost output record)
+    failed: int = 0  # items that are failed now (new, and earlier ones not retried)
+    seconds: float = 0.0
+    paths: JobPaths | None = None
+
+    @property
+    def exit_status(self) -> int:
+        return 1 if self.failed else 0
+
+    def images_per_second(self) -> float:
+        return self.captioned / self.seconds if self.seconds else 0.0
