@@ -1,6 +1,6 @@
 """The nano recipe: the bundled Shapes World model, from nothing, on a CPU.
 
-    python -m vlv_training.recipes.nano --root runs/nano [--phases vae,teacher,stage1,stage2]
+    python -m vlv_training.recipes.nano [--root DIR] [--phases vae,teacher,stage1,stage2]
                                         [--max-minutes 50] [--set teacher.steps=30000 ...]
 
 Four phases, each a run of the shared trainer that starts from the previous
@@ -265,7 +265,9 @@ def bundle(root: Path, dest: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the nano Shapes World model from scratch.")
-    parser.add_argument("--root", type=Path, default=Path("runs/nano"))
+    # The default root is tracked in git: finished phases and the latest checkpoint of the
+    # running one are committed, so the next working session resumes the recipe.
+    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent / "nano_run")
     parser.add_argument("--phases", default=",".join(PHASES))
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
     parser.add_argument("--set", action="append", default=[], metavar="PHASE.FIELD=VALUE")

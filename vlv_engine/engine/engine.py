@@ -16,7 +16,8 @@ from PIL import Image
 
 from vlv_engine import images as image_io
 from vlv_engine.config import GenerationConfig, VLVConfig
-from vlv_engine.engine.generation import generate_reference
+from vlv_engine.engine.backends.select import BackendChoice, UNetRunner, build_unet_runner, select_backend
+from vlv_engine.engine.decode import DECODERS, make_decoder
 from vlv_engine.engine.postprocess import official_postprocess
 from vlv_engine.engine.results import ItemResult
 from vlv_engine.models import VLVModel
@@ -32,7 +33,18 @@ def default_model_path() -> Path:
 class Engine:
     def __init__(self, model: VLVModel, *, llm_tokenizer=None, text_tokenizer=None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, max_pixels: int | None = image_io.DEFAULT_MAX_PIXELS,
-                 batch_size: int = DEFAULT_BATCH_SIZE):
+                 batch_size: int = DEFAULT_BATCH_SIZE, decoder: str = "static",
+                 unet_backend: str | UNetRunner = "eager"):
+        # decoder: how captions are decoded from the prefix: "static" (our static-KV-cache
+        # loop, `vlv_engine.engine.decode`; the default: in fp32 its tokens equal HF's, its
+        # KV memory is allocated once per batch bucket, and on a CPU it is as fast as HF or
+        # faster), "compiled" (the same with the decode step under torch.compile: each new
+        # batch bucket compiles once, tens of seconds on a CPU) or "reference" (HF `generate`,
+        # the oracle).
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}; choose one of {list(DECODERS)}")
+        self.decoder = decoder
+        self._llm_decoder = None  # built on first use (caption_embeddings)
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model.eval()
@@ -48,6 +60,12 @@ class Engine:
         self.max_pixels = max_pixels
         self.batch_size = batch_size
         self._uncond: torch.Tensor | None = None
+        # unet_backend: "eager" | "auto" | "onnx" | "tensorrt" | "compile", or a UNetRunner
+        # (vlv_engine.engine.backends). Chosen here (an unknown or unavailable one fails
+        # now), built on the first reconstruct (an ONNX export or engine build is not free).
+        self._unet_runner = None if isinstance(unet_backend, str) else unet_backend
+        self.unet_backend = (select_backend(unet_backend, device=self.device, dtype=dtype)
+                             if isinstance(unet_backend, str) else BackendChoice("custom", "a UNetRunner given"))
 
     # ------------------------------------------------------------------ loading
 
@@ -127,11 +145,13 @@ class Engine:
             raise RuntimeError("this engine was loaded without a caption decoder (llm/ folder and tokenizer)")
         gen = self.generation_config(**generation)
         tok = self.llm_tokenizer
+        if self._llm_decoder is None or self._llm_decoder.llm is not decoder.llm:
+            self._llm_decoder = make_decoder(self.decoder, decoder.llm)
         texts: list[str] = []
         for lo, hi in self._chunks(embeddings.shape[0], batch_size):
             prefix = decoder.prefix(embeddings[lo:hi].to(self.device))  # [b, Nq, H]
-            ids = generate_reference(decoder.llm, prefix, gen, eos_token_id=tok.eos_token_id,
-                                     pad_token_id=tok.pad_token_id)
+            ids = self._llm_decoder.generate(prefix, gen, eos_token_id=tok.eos_token_id,
+                                             pad_token_id=tok.pad_token_id)  # [b, T]
             texts.extend(t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True))
         if gen.postprocess:
             texts = [official_postprocess(t) for t in texts]
@@ -191,6 +211,11 @@ class Engine:
         loaded = self.load_images(images)
         uncond = self.unconditional_embedding()
         diffusion.make_scheduler(sampler)  # reject an unknown sampler before any work
+        if self._unet_runner is None and self.unet_backend.name != "eager":
+            self._unet_runner = build_unet_runner(self.unet_backend, diffusion, max_batch=self.batch_size,
+                                                  num_queries=self.config.encoder.num_queries,
+                                                  device=self.device, dtype=self.dtype)
+        diffusion.set_unet_backend(self._unet_runner)
         out: list[Image.Image] = []
         for lo, hi in self._chunks(len(loaded), batch_size):
             cond = self.model.caption_embedding(self.pixel_values(loaded[lo:hi]))

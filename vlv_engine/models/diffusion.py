@@ -97,7 +97,18 @@ class DiffusionDecoder(nn.Module):
         images = self.vae.decode((latents / self.scaling_factor).to(vae_dtype)).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
+    # A `UNetRunner` (vlv_engine.engine.backends) replacing the eager UNet call; None: eager.
+    _unet_runner = None
+
+    def set_unet_backend(self, runner) -> None:
+        """Run `predict_noise` through `runner(latents, t, context) -> noise` (ONNX Runtime,
+        TensorRT, torch.compile, ...); None restores the eager UNet. The runner is not a
+        submodule: it adds nothing to the state dict."""
+        self.__dict__["_unet_runner"] = runner
+
     def predict_noise(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self._unet_runner is not None:
+            return self._unet_runner(latents, t, context)  # coordinate channels are the runner's job
         if self.coord_channels:
             latents = torch.cat([latents, coordinate_grid(latents)], dim=1)  # [B, C + 2, h, w]
         return self.unet(latents, t, encoder_hidden_states=context).sample

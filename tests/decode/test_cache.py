@@ -1,0 +1,106 @@
+"""Static caches: bucketing, reuse across calls, in-place beam reordering, batch invariance."""
+
+import pytest
+import torch
+from decode_helpers import EOS, PAD, prefixes
+from transformers import StaticCache
+
+from vlv_engine.config import GenerationConfig
+from vlv_engine.engine.decode import StaticDecoder, bucket_batch, reorder_cache_
+from vlv_engine.engine.generation import generate_reference
+
+GREEDY = GenerationConfig(max_new_tokens=16, num_beams=1)
+BEAMS = GenerationConfig(max_new_tokens=16, num_beams=3)
+
+
+def test_bucket_batch():
+    assert [bucket_batch(n) for n in (1, 2, 3, 5, 8, 9, 33, 64)] == [1, 2, 4, 8, 8, 16, 64, 64]
+    with pytest.raises(ValueError):
+        bucket_batch(65)
+
+
+def _ptrs(cache):
+    return [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers]
+
+
+@pytest.mark.parametrize("gen", [GREEDY, BEAMS], ids=["greedy", "beams"])
+def test_cache_reuse_across_calls_gives_fresh_results(gen, eos_llm):
+    dec = StaticDecoder(eos_llm)
+    calls = [(8, 0), (3, 1), (1, 2), (5, 3), (8, 4), (2, 5)]
+    seen = {}
+    for batch, seed in calls:
+        prefix = prefixes(batch, seed=40 + seed)
+        out = dec.generate(prefix, gen, eos_token_id=EOS, pad_token_id=PAD)
+        fresh = StaticDecoder(eos_llm).generate(prefix, gen, eos_token_id=EOS, pad_token_id=PAD)
+        assert out.shape[0] == batch and torch.equal(out, fresh)
+        rows = bucket_batch(batch) * gen.num_beams
+        (key, cache), = [(k, c) for k, c in dec._caches.items() if k[0] == rows]
+        seen.setdefault(key, (cache, _ptrs(cache)))
+        assert seen[key][0] is cache and seen[key][1] == _ptrs(cache)  # reset, not reallocated
+        assert cache.layers[0].keys.shape[0] == rows
+    assert sorted(k[0] // gen.num_beams for k in seen) == [1, 2, 4, 8]
+    assert len(dec._caches) == 4
+
+
+def test_caches_are_lru_bounded(llm):
+    dec = StaticDecoder(llm, max_caches=2)
+    for batch in (1, 2, 4):
+        dec.generate(prefixes(batch, seed=batch), GREEDY, eos_token_id=EOS, pad_token_id=PAD)
+    assert sorted(k[0] for k in dec._caches) == [2, 4]
+    dec.clear()
+    assert not dec._caches
+
+
+def test_cache_length_is_rounded_up(llm):
+    dec = StaticDecoder(llm, length_multiple=64)
+    dec.generate(prefixes(2, seed=0), GenerationConfig(max_new_tokens=5, num_beams=1), eos_token_id=EOS,
+                 pad_token_id=PAD)
+    dec.generate(prefixes(2, seed=1), GenerationConfig(max_new_tokens=50, num_beams=1), eos_token_id=EOS,
+                 pad_token_id=PAD)
+    assert [k[:2] for k in dec._caches] == [(2, 64)]  # 8 + 5 and 8 + 50 share one cache
+
+
+@pytest.mark.parametrize("gen", [GREEDY, BEAMS], ids=["greedy", "beams"])
+def test_a_rows_tokens_do_not_depend_on_the_other_rows(gen, eos_llm):
+    dec = StaticDecoder(eos_llm)
+    prefix = prefixes(8, seed=50)
+    together = dec.generate(prefix, gen, eos_token_id=EOS, pad_token_id=PAD)
+    width = together.shape[1]
+    for i in range(8):
+        alone = dec.generate(prefix[i:i + 1], gen, eos_token_id=EOS, pad_token_id=PAD)
+        alone = torch.nn.functional.pad(alone, (0, width - alone.shape[1]), value=PAD)
+        assert torch.equal(alone[0], together[i])
+    shuffled = dec.generate(prefix.flip(0), gen, eos_token_id=EOS, pad_token_id=PAD)
+    assert torch.equal(shuffled, together.flip(0))
+
+
+def test_batches_beyond_the_largest_bucket_are_split(eos_llm):
+    dec = StaticDecoder(eos_llm, batch_buckets=(1, 2, 4))
+    prefix = prefixes(7, seed=60)
+    out = dec.generate(prefix, GREEDY, eos_token_id=EOS, pad_token_id=PAD)
+    ref = generate_reference(eos_llm, prefix, GREEDY, eos_token_id=EOS, pad_token_id=PAD)
+    assert torch.equal(out, ref)
+    assert sorted(k[0] for k in dec._caches) == [4]
+
+
+def test_empty_batch_and_no_new_tokens(llm):
+    dec = StaticDecoder(llm)
+    assert dec.generate(prefixes(0, seed=0), GREEDY, eos_token_id=EOS, pad_token_id=PAD).shape == (0, 0)
+    out = dec.generate(prefixes(2, seed=0), GenerationConfig(max_new_tokens=0, num_beams=1), eos_token_id=EOS,
+                       pad_token_id=PAD)
+    assert out.shape == (2, 0)
+
+
+def test_reorder_cache_in_place(llm):
+    cache = StaticCache(config=llm.config, max_cache_len=6)
+    cache.early_initialization(4, 1, 16, torch.float32, torch.device("cpu"))
+    for layer in cache.layers:
+        layer.keys.copy_(torch.arange(4.0).view(4, 1, 1, 1).expand_as(layer.keys))
+        layer.values.copy_(-torch.arange(4.0).view(4, 1, 1, 1).expand_as(layer.values))
+    before = _ptrs(cache)
+    reorder_cache_(cache, torch.tensor([2, 2, 0, 1]), length=3)
+    assert _ptrs(cache) == before
+    for layer in cache.layers:
+        assert layer.keys[:, 0, :3, 0].tolist() == [[2.0] * 3, [2.0] * 3, [0.0] * 3, [1.0] * 3]
+        assert layer.values[:, 0, :3, 0].tolist() == [[-2.0] * 3, [-2.0] * 3, [-0.0] * 3, [-1.0] * 3]
+        assert layer.keys[:, 0, 3:, 0].tolist() == [[float(r)] * 3 for r in range(4)]  # past `length`: untouched

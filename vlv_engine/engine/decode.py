@@ -1,0 +1,262 @@
+"""Our own LLM decode loop: static KV cache, one prefill, a compilable decode step.
+
+A caption is decoded from Nq prefix embeddings (no text prompt). `StaticDecoder`
+does it in the gpt-fast way, with transformers' own model forward:
+
+1. **Cache.** One `transformers.StaticCache` per (row bucket, cache length), allocated
+   on first use and kept (LRU, `max_caches`); each call resets it in place. Batches are
+   padded up to a bucket (1, 2, 4, ..., 64 rows; beam search uses bucket * num_beams
+   rows), the padding rows' results are dropped, and the cache length is
+   Nq + max_new_tokens rounded up to `length_multiple`, so a steady workload reuses a
+   few buffers and a compiled step sees a few static shapes.
+2. **Prefill.** The [B, Nq, H] prefix in one forward (`inputs_embeds`, positions
+   0..Nq-1, `logits_to_keep=1`), eager (it runs once per call).
+3. **Decode step.** `decode_step(llm, cache, input_ids [R, 1], cache_position [1]) ->
+   logits [R, V]` (fp32): fixed shapes, the position is a tensor, the cache is written in
+   place, so `torch.compile(fullgraph=True, dynamic=False)` compiles it once per cache.
+4. **Search.** Greedy (finished rows are fed the pad token and their outputs masked;
+   stop when every real row has finished or at max_new_tokens) or batched beam search
+   (`vlv_engine.engine.beam`, a port of HF's), whose beam reordering copies
+   `index_select`ed rows back into the same static buffers (addresses never change, as
+   CUDA graphs need).
+
+Output convention (that of `generation.generate_reference`): [B, T] new tokens only,
+T the longest caption of the batch (EOS included), positions after a row's EOS hold
+`pad_token_id` (EOS when there is no pad id). HF's beam search fills them with EOS
+when the pad id is 0 (`pad_token_id or eos_token_id` on a tensor); we do not.
+
+Why transformers' `StaticCache` and not a cache of our own: it works with the model's
+own forward for any `AutoModelForCausalLM` that supports static caches (Qwen2 first),
+so the prefill and every step run the exact modules the reference runs. We only
+(a) set each layer's write position from `cache_position` inside the step, so the step
+is a pure function of (cache, tokens, position), and (b) reorder beams in place.
+
+Exactness: in fp32 on the tiny models the tokens equal `generate_reference` (tests in
+`tests/decode/`). The static path attends over the whole masked cache where HF's
+dynamic cache attends over the filled part, so logits may differ in the last bits; a
+near-tie could then pick another token (more likely in bf16). `Engine(decoder=
+"reference")` keeps HF `generate`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Protocol
+
+import torch
+from transformers import PreTrainedModel, StaticCache
+
+from vlv_engine.config import GenerationConfig
+from vlv_engine.engine.beam import beam_search
+from vlv_engine.engine.generation import generate_reference
+
+DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_LENGTH_MULTIPLE = 64
+DECODERS = ("reference", "static", "compiled")
+
+
+class CaptionLLMDecoder(Protocol):
+    def generate(self, prefix: torch.Tensor, gen: GenerationConfig, *, eos_token_id: int | None,
+                 pad_token_id: int | None) -> torch.Tensor: ...
+
+
+def bucket_batch(n: int, buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS) -> int:
+    """The smallest bucket holding n rows (n <= max(buckets))."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"batch of {n} exceeds the largest bucket {max(buckets)}")
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# --------------------------------------------------------------------------- model calls
+
+
+def prefill(llm: PreTrainedModel, cache: StaticCache, prefix: torch.Tensor) -> torch.Tensor:
+    """Run the [R, Nq, H] prefix into an empty (reset) cache; next-token logits [R, V] fp32."""
+    nq = prefix.shape[1]
+    position_ids = torch.arange(nq, device=prefix.device).unsqueeze(0)  # [1, Nq]
+    out = llm(inputs_embeds=prefix, position_ids=position_ids, past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+    return out.logits[:, -1].to(torch.float32)
+
+
+def decode_step(llm: PreTrainedModel, cache: StaticCache, input_ids: torch.Tensor,
+                cache_position: torch.Tensor) -> torch.Tensor:
+    """One token per row: input_ids [R, 1] at position cache_position [1] -> logits [R, V] fp32.
+
+    Static shapes and in-place cache writes only: compile it with `fullgraph=True`."""
+    position = cache_position.reshape(())
+    for layer in cache.layers:
+        # StaticLayer writes at its own `cumulative_length`; pin it to the position we feed.
+        layer.cumulative_length.copy_(position)
+    out = llm(input_ids=input_ids, position_ids=cache_position.view(1, 1), past_key_values=cache, use_cache=True)
+    return out.logits[:, -1].to(torch.float32)
+
+
+@torch.no_grad()
+def reorder_cache_(cache: StaticCache, beam_idx: torch.Tensor, length: int) -> None:
+    """Row i of every layer's keys/values becomes row beam_idx[i], for the first `length`
+    positions, written back into the same buffers."""
+    for layer in cache.layers:
+        for buf in (layer.keys, layer.values):  # [R, heads, L, head_dim]
+            used = buf[:, :, :length]
+            used.copy_(used.index_select(0, beam_idx.to(buf.device)))
+
+
+def greedy_search(step, first_logits: torch.Tensor, *, max_new_tokens: int, eos_token_id: int | None,
+                  pad_token_id: int, num_real: int | None = None) -> torch.Tensor:
+    """Greedy decoding from the prefill logits [R, V]; `step(input_ids [R, 1], t)` feeds the
+    t-th new token. Returns [num_real, T]."""
+    rows = first_logits.shape[0]
+    n = rows if num_real is None else num_real
+    out = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=first_logits.device)
+    unfinished = torch.ones(rows, dtype=torch.bool, device=first_logits.device)
+    logits = first_logits
+    t = -1
+    for t in range(max_new_tokens):
+        nxt = torch.where(unfinished, logits.argmax(dim=-1), pad_token_id)  # [R]
+        out[:, t] = nxt
+        if eos_token_id is not None:
+            unfinished &= nxt != eos_token_id
+        if t + 1 == max_new_tokens or not bool(unfinished[:n].any()):
+            break
+        logits = step(nxt.unsqueeze(1), t)
+    return out[:n, : t + 1]
+
+
+# --------------------------------------------------------------------------- decoders
+
+
+class ReferenceDecoder:
+    """HF `generate` (the oracle), behind the decoder interface."""
+
+    def __init__(self, llm: PreTrainedModel):
+        self.llm = llm
+
+    def generate(self, prefix: torch.Tensor, gen: GenerationConfig, *, eos_token_id: int | None,
+                 pad_token_id: int | None) -> torch.Tensor:
+        return generate_reference(self.llm, prefix, gen, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
+class StaticDecoder:
+    """Greedy and beam-search captioning from prefix embeddings with static KV caches.
+
+    compile: compile the decode step (`fullgraph=True`, static shapes); `compile_mode`
+    defaults to "reduce-overhead" (CUDA graphs) on CUDA and inductor's default on CPU.
+    Each new (rows, cache length) compiles once (tens of seconds on a CPU); dynamo's
+    `recompile_limit` (8) bounds how many distinct caches one process should use.
+    Not thread-safe: calls share the caches."""
+
+    def __init__(self, llm: PreTrainedModel, *, compile: bool = False, compile_mode: str | None = None,
+                 batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS,
+                 length_multiple: int = DEFAULT_LENGTH_MULTIPLE, max_caches: int = 4):
+        self.llm = llm
+        self.batch_buckets = tuple(sorted(batch_buckets))
+        self.length_multiple = length_multiple
+        self.max_caches = max_caches
+        self._caches: OrderedDict[tuple, StaticCache] = OrderedDict()
+        self.compiled = compile
+        self._compile_mode = compile_mode
+        self._step = None
+
+    # ------------------------------------------------------------------ caches and step
+
+    def cache(self, rows: int, max_cache_len: int) -> StaticCache:
+        """The cache for (rows, length) on the model's device/dtype, allocated once, LRU-kept."""
+        dtype, device = self.llm.dtype, self.llm.device  # the activations' (also under weight quantization)
+        key = (rows, max_cache_len, dtype, device)
+        cache = self._caches.get(key)
+        if cache is None:
+            cache = StaticCache(config=self.llm.config, max_cache_len=max_cache_len)
+            text = self.llm.config.get_text_config(decoder=True)
+            heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+            # Allocate now (not lazily inside a forward): fixed addresses from the start.
+            cache.early_initialization(rows, heads, head_dim, dtype, device)
+            self._caches[key] = cache
+            while len(self._caches) > self.max_caches:
+                self._caches.popitem(last=False)
+        self._caches.move_to_end(key)
+        return cache
+
+    def clear(self) -> None:
+        """Drop every cache (frees their memory)."""
+        self._caches.clear()
+
+    @property
+    def step_fn(self):
+        """`decode_step`, compiled on first use when `compile` is set."""
+        if self._step is None:
+            if self.compiled:
+                mode = self._compile_mode
+                if mode is None and self.llm.device.type == "cuda":
+                    mode = "reduce-overhead"
+                self._step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+            else:
+                self._step = decode_step
+        return self._step
+
+    # ------------------------------------------------------------------ generate
+
+    @torch.no_grad()
+    def generate(self, prefix: torch.Tensor, gen: GenerationConfig, *, eos_token_id: int | None,
+                 pad_token_id: int | None) -> torch.Tensor:
+        """[B, Nq, H] prefix -> [B, T] new token ids, padded with pad_token_id after EOS.
+
+        eos_token_id=None decodes max_new_tokens for every row (HF `generate` would take the
+        model's `generation_config.eos_token_id` instead); pad_token_id=None pads with EOS."""
+        pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+        prefix = prefix.to(self.llm.dtype)
+        largest = self.batch_buckets[-1]
+        outs = [self._generate_bucket(prefix[lo:lo + largest], gen, eos_token_id, pad)
+                for lo in range(0, prefix.shape[0], largest)]
+        if not outs:
+            return torch.empty((0, 0), dtype=torch.long, device=prefix.device)
+        width = max(o.shape[1] for o in outs)
+        outs = [torch.nn.functional.pad(o, (0, width - o.shape[1]), value=pad) for o in outs]
+        return torch.cat(outs)
+
+    def _generate_bucket(self, prefix: torch.Tensor, gen: GenerationConfig, eos: int | None,
+                         pad: int) -> torch.Tensor:
+        n, nq, hidden = prefix.shape
+        rows = bucket_batch(n, self.batch_buckets)
+        beams = gen.num_beams
+        if gen.max_new_tokens < 1:
+            return torch.empty((n, 0), dtype=torch.long, device=prefix.device)
+        # 1. Pad to the bucket with zero rows (dropped at the end), one row per beam.
+        x = torch.cat([prefix, prefix.new_zeros(rows - n, nq, hidden)]) if rows > n else prefix  # [rows, Nq, H]
+        if beams > 1:
+            x = x.repeat_interleave(beams, dim=0)  # [rows*K, Nq, H], row b*K + k
+        # 2. Prefill into the reset cache.
+        cache = self.cache(x.shape[0], round_up(nq + gen.max_new_tokens, self.length_multiple))
+        cache.reset()
+        logits = prefill(self.llm, cache, x)  # [rows*K, V]
+        step_fn = self.step_fn
+
+        def step(input_ids: torch.Tensor, t: int) -> torch.Tensor:
+            position = torch.tensor([nq + t], dtype=torch.long, device=input_ids.device)
+            # Contiguous: beam search passes a strided view, and a compiled step guards on strides.
+            return step_fn(self.llm, cache, input_ids.contiguous(), position)
+
+        # 3. Search.
+        if beams == 1:
+            return greedy_search(step, logits, max_new_tokens=gen.max_new_tokens, eos_token_id=eos,
+                                 pad_token_id=pad, num_real=n)
+        return beam_search(step, lambda idx, length: reorder_cache_(cache, idx, length), logits,
+                           batch_size=rows, num_beams=beams, max_new_tokens=gen.max_new_tokens,
+                           eos_token_id=eos, pad_token_id=pad, length_penalty=gen.length_penalty,
+                           early_stopping=gen.early_stopping, prefix_len=nq, num_real=n)
+
+
+def make_decoder(kind: str, llm: PreTrainedModel) -> CaptionLLMDecoder:
+    """"reference" (HF generate), "static" (static cache, eager step) or "compiled" (the step
+    under torch.compile)."""
+    if kind == "reference":
+        return ReferenceDecoder(llm)
+    if kind in ("static", "compiled"):
+        return StaticDecoder(llm, compile=kind == "compiled")
+    raise ValueError(f"unknown decoder {kind!r}; choose one of {list(DECODERS)}")
