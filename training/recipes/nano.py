@@ -142,8 +142,8 @@ def phase_model(root: Path, phase: str):
     checkpoints = list_checkpoints(root / phase)
     if not checkpoints:
         raise RuntimeError(f"phase {phase} has neither a model nor a checkpoint under {root / phase}")
-    cfg = json.loads((root / phase / "config.json").read_text())
-    loaded = load_folder(Path(cfg["init"]), load_caption_decoder=False)
+    init = root / "init" if phase == "vae" else root / PHASES[PHASES.index(phase) - 1] / "model"
+    loaded = load_folder(init, load_caption_decoder=False)
     weights = load_file(str(checkpoints[-1] / "weights.safetensors"))
     params = dict(loaded.model.named_parameters())
     with torch.no_grad():
