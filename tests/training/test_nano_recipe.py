@@ -79,3 +79,19 @@ def test_frozen_teacher_is_unchanged_by_stage1(micro_run):
     for part in ("diffusion", "bottleneck"):
         a, b = getattr(teacher, part).state_dict(), getattr(after, part).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_a_phase_in_progress_is_measured_from_its_checkpoint(micro_run, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    root, _ = micro_run
+    copy = tmp_path / "root"
+    shutil.copytree(root, copy)
+    shutil.rmtree(copy / "teacher" / "model")  # as if the teacher were still training
+    model = nano.phase_model(copy, "teacher").model
+    weights = load_file(str(copy / "teacher" / "checkpoints" / "step_000002" / "weights.safetensors"))
+    params = dict(model.named_parameters())
+    assert weights and all(torch.equal(params[k], v) for k, v in weights.items())
+    assert 0.0 <= nano.teacher_accuracy(copy, n=2, steps=2)["color"] <= 1.0
