@@ -268,3 +268,11 @@ def test_stage1_only_conversion_loads_as_an_embedding_model(release, tmp_path, i
     assert engine.model.caption_decoder is None
     source = Engine.from_official(stage1=release["stage1"], **folders(release, llm=False))
     assert torch.equal(engine.embed(images), source.embed(images))
+
+
+def test_from_official_takes_the_engine_options(release, images):
+    engine = Engine.from_official(stage2=release["stage2"], stage1=release["stage1"], decoder="reference",
+                                  **folders(release))
+    assert engine.decoder == "reference"
+    with pytest.raises(ValueError, match="unknown decoder"):
+        Engine.from_official(stage2=release["stage2"], decoder="fast", **folders(release))
