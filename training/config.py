@@ -66,6 +66,10 @@ class TrainConfig:
     seed: int = 0
     trainable: list[str] | None = None  # None: the stage's default groups
     cache_latents: bool = True  # stage 1 / teacher: VAE moments computed once per image
+    # "sample" draws from the VAE posterior (as SD training does); "mode" uses its mean. A
+    # small VAE trained briefly keeps a wide posterior (std above the means' own spread), and
+    # sampling from it buries the layout under per-step latent noise the UNet must model.
+    latent_sampling: str = "sample"
     # Noise-prediction loss weighting: "none", or "min_snr" (min(SNR, gamma) / SNR), which
     # stops easy low-noise steps from dominating and speeds up conditioning.
     loss_weighting: str = "none"
@@ -85,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"stage must be one of {sorted(STAGE_DEFAULT_TRAINABLE)}, got {self.stage!r}")
         if self.loss_weighting not in ("none", "min_snr"):
             raise ValueError(f"loss_weighting must be none or min_snr, got {self.loss_weighting!r}")
+        if self.latent_sampling not in ("sample", "mode"):
+            raise ValueError(f"latent_sampling must be sample or mode, got {self.latent_sampling!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         groups = self.trainable_groups

@@ -18,9 +18,13 @@ from torch import nn
 from vlv_engine.models import VLVModel
 
 
-def sample_latents(moments: torch.Tensor, generator: torch.Generator, scaling_factor: float) -> torch.Tensor:
-    """Cached VAE moments [B, 2C, h, w] (mean, logvar) -> a fresh latent sample, scaled."""
+def sample_latents(moments: torch.Tensor, generator: torch.Generator, scaling_factor: float,
+                   mode: bool = False) -> torch.Tensor:
+    """Cached VAE moments [B, 2C, h, w] (mean, logvar) -> a fresh latent sample (or the
+    posterior mean when `mode`), scaled."""
     mean, logvar = moments.chunk(2, dim=1)
+    if mode:
+        return mean * scaling_factor
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
     eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return (mean + std * eps) * scaling_factor

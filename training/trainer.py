@@ -254,7 +254,8 @@ class _Inputs:
 
     def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
         moments = self.cache.moments(batch["keys"], batch["vae_pixel_values"].to(self.device))
-        return sample_latents(moments, self.gen, self.model.diffusion.scaling_factor)
+        return sample_latents(moments, self.gen, self.model.diffusion.scaling_factor,
+                              mode=self.cfg.latent_sampling == "mode")
 
     def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         cfg, model, dev = self.cfg, self.model, self.device

@@ -95,3 +95,26 @@ def test_a_phase_in_progress_is_measured_from_its_checkpoint(micro_run, tmp_path
     params = dict(model.named_parameters())
     assert weights and all(torch.equal(params[k], v) for k, v in weights.items())
     assert 0.0 <= nano.teacher_accuracy(copy, n=2, steps=2)["color"] <= 1.0
+
+
+def test_latent_scale_is_calibrated_once_before_the_teacher(micro_run):
+    from vlv_engine.checkpoint.folder import load_folder
+
+    root, _ = micro_run
+    record = json.loads((root / "vae" / "latent_scale.json").read_text())
+    assert record["scaling_factor"] == pytest.approx(1.0 / record["latent_std"], rel=1e-3)
+    # The teacher (and everything after it) inherits the calibrated factor.
+    teacher = load_folder(root / "teacher" / "model", load_caption_decoder=False).model
+    assert teacher.diffusion.scaling_factor == record["scaling_factor"]
+    assert nano.calibrate_latent_scale(root) == record["scaling_factor"]  # idempotent
+
+
+def test_mode_latents_are_the_scaled_posterior_mean():
+    from vlv_training.losses import sample_latents
+
+    moments = torch.randn(3, 8, 4, 4)
+    gen = torch.Generator().manual_seed(0)
+    mode = sample_latents(moments, gen, 2.0, mode=True)
+    assert torch.equal(mode, moments[:, :4] * 2.0)
+    sampled = sample_latents(moments, gen, 2.0)
+    assert not torch.allclose(sampled, mode)

@@ -96,9 +96,10 @@ PHASE_SETTINGS: dict[str, dict[str, Any]] = {
                                                      "weight_decay": 0.0},
             "data": {"num_samples": 200_000, "seed": 1}, "save_every": 200},
     "teacher": {"steps": 20_000, "batch_size": 64, "loss_weighting": "min_snr", "caption_dropout": 0.1,
+                "latent_sampling": "mode",
                 "optim": {"lr": 1e-3, "warmup_steps": 500, "min_lr_ratio": 0.1, "weight_decay": 0.0},
                 "data": {"num_samples": 100_000, "seed": 2}, "save_every": 500},
-    "stage1": {"steps": 20_000, "batch_size": 64, "loss_weighting": "min_snr",
+    "stage1": {"steps": 20_000, "batch_size": 64, "loss_weighting": "min_snr", "latent_sampling": "mode",
                # The nano Florence-2 starts random, so its vision tower trains too (the
                # paper's is pretrained and frozen).
                "trainable": ["florence_vision", "florence_language", "queries", "language_proj"],
@@ -120,6 +121,28 @@ def phase_config(phase: str, root: Path, overrides: list[str]) -> TrainConfig:
         if target == phase:
             apply_override(data, f"{field}={value}")
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in data.items()])
+
+
+@torch.no_grad()
+def calibrate_latent_scale(root: Path, n: int = 2048, seed: int = 5) -> float:
+    """Set the finished VAE's `scaling_factor` to 1 / std of its latents (as SD did), so the
+    teacher's diffusion runs on unit-variance latents. Done once, before the teacher starts;
+    the value is kept in vae/latent_scale.json and in the VAE's config."""
+    record = root / "vae" / "latent_scale.json"
+    if record.is_file():
+        return float(json.loads(record.read_text())["scaling_factor"])
+    model_dir = root / "vae" / "model"
+    vae = load_folder(model_dir, load_caption_decoder=False).model.diffusion.vae
+    pixels = torch.stack([torch.from_numpy(img).permute(2, 0, 1) for img, _ in shapes.make_dataset(n, seed)])
+    means = torch.cat([vae.encode(chunk.float() / 127.5 - 1.0).latent_dist.mean for chunk in pixels.split(256)])
+    factor = round(1.0 / means.std().item(), 4)
+    config_path = model_dir / "vae" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["scaling_factor"] = factor
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    record.write_text(json.dumps({"scaling_factor": factor, "latent_mean": means.mean().item(),
+                                  "latent_std": means.std().item(), "images": n}) + "\n")
+    return factor
 
 
 def phase_done(root: Path, phase: str) -> bool:
@@ -236,6 +259,8 @@ def run(root: Path, phases: list[str], *, max_minutes: float | None, overrides: 
             continue
         if PHASES.index(phase) > 0 and not phase_done(root, PHASES[PHASES.index(phase) - 1]):
             raise RuntimeError(f"phase {phase} needs {PHASES[PHASES.index(phase) - 1]} to finish first")
+        if phase == "teacher":
+            calibrate_latent_scale(root)
         cfg = phase_config(phase, root, overrides)
         if deadline is not None:
             cfg.max_minutes = max(0.0, (deadline - time.monotonic()) / 60)
