@@ -1,4 +1,4 @@
-"""The `vlv` command line: caption | reconstruct | eval | train | convert.
+"""The `vlv` command line: caption | reconstruct | eval | train | convert | serve.
 
 Each subcommand is a thin layer over the Python API (`vlv_engine.Engine`).
 """
@@ -168,6 +168,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        print(f"vlv serve: the web stack is not installed ({err}); pip install -e '.[serve]'", file=sys.stderr)
+        return EXIT_USAGE
+    from vlv_engine.serve import ServeConfig, build_server
+
+    try:
+        config = ServeConfig(max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
+                             max_queue=args.max_queue, max_body_mb=args.max_body_mb, max_images=args.max_images,
+                             max_pixels=args.max_pixels or None, timeout_s=args.timeout_s,
+                             model_name=Path(args.model).name if args.model else "default")
+    except ValueError as err:
+        print(f"vlv serve: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.model is not None and not Path(args.model).is_dir():
+        print(f"vlv serve: model folder {args.model!r} not found", file=sys.stderr)
+        return EXIT_USAGE
+    # The model loads after the server is up: /healthz answers at once, /readyz when warmed.
+    server = build_server(config, engine_factory=lambda: _load_engine(args, load_diffusion=False),
+                          host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    print(f"vlv serve: http://{args.host}:{args.port} (POST /v1/caption, GET /healthz /readyz /metrics)",
+          file=sys.stderr)
+    server.run()
+    load_error = server.config.app.state.service.load_error
+    if load_error is not None:
+        print(f"vlv serve: the model failed to load: {load_error}", file=sys.stderr)
+    return EXIT_OK if server.started and load_error is None else EXIT_FAILURES
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlv", description="Caption images with a VLV auto-encoder.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -251,6 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm", help="Qwen2.5-3B folder")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("serve", help="HTTP captioning service with dynamic batching (needs the [serve] extra)")
+    model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=16, help="images per model batch")
+    p.add_argument("--max-delay-ms", type=float, default=10.0, help="how long a lone image waits for company")
+    p.add_argument("--max-queue", type=int, default=256, help="images waiting; beyond it requests get 503")
+    p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (413 beyond)")
+    p.add_argument("--max-images", type=int, default=16, help="images per request (413 beyond)")
+    p.add_argument("--max-pixels", type=int, default=64 * 2**20,
+                   help="refuse larger images from their header (413; 0: Pillow's limit only)")
+    p.add_argument("--timeout-s", type=float, default=30.0, help="per-request timeout (504 beyond)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
