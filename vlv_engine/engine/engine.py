@@ -19,6 +19,7 @@ from vlv_engine.config import GenerationConfig, VLVConfig
 from vlv_engine.engine.backends.select import BackendChoice, UNetRunner, build_unet_runner, select_backend
 from vlv_engine.engine.decode import DECODERS, make_decoder
 from vlv_engine.engine.postprocess import official_postprocess
+from vlv_engine.engine.quantize import check_scheme, quantize_llm
 from vlv_engine.engine.results import ItemResult
 from vlv_engine.models import VLVModel
 
@@ -34,7 +35,7 @@ class Engine:
     def __init__(self, model: VLVModel, *, llm_tokenizer=None, text_tokenizer=None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, max_pixels: int | None = image_io.DEFAULT_MAX_PIXELS,
                  batch_size: int = DEFAULT_BATCH_SIZE, decoder: str = "static",
-                 unet_backend: str | UNetRunner = "eager"):
+                 unet_backend: str | UNetRunner = "eager", quantize: str | None = None):
         # decoder: how captions are decoded from the prefix: "static" (our static-KV-cache
         # loop, `vlv_engine.engine.decode`; the default: in fp32 its tokens equal HF's, its
         # KV memory is allocated once per batch bucket, and on a CPU it is as fast as HF or
@@ -44,6 +45,12 @@ class Engine:
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; choose one of {list(DECODERS)}")
         self.decoder = decoder
+        # quantize: None or a scheme of `vlv_engine.engine.quantize` ("int8_weight_only",
+        # "int8_dynamic", "int4_weight_only", "fp8", "int4_cpu"), applied to the LLM only,
+        # in place, after it is placed; an unknown scheme or one that cannot run here fails now.
+        self.quantize = quantize
+        if quantize is not None:
+            check_scheme(quantize, device)
         self._llm_decoder = None  # built on first use (caption_embeddings)
         self.device = torch.device(device)
         self.dtype = dtype
@@ -55,6 +62,8 @@ class Engine:
         for module, want in parts:
             if module is not None:
                 _place(module, self.device, want)
+        if quantize is not None and self.model.caption_decoder is not None:
+            quantize_llm(self.model.caption_decoder.llm, quantize, device=self.device)
         self.llm_tokenizer = llm_tokenizer
         self.text_tokenizer = text_tokenizer
         self.max_pixels = max_pixels
@@ -150,7 +159,7 @@ class Engine:
             self._llm_decoder = make_decoder(self.decoder, decoder.llm)
         texts: list[str] = []
         for lo, hi in self._chunks(embeddings.shape[0], batch_size):
-            prefix = decoder.prefix(embeddings[lo:hi].to(self.device))  # [b, Nq, H]
+            prefix = decoder.prefix(embeddings[lo:hi].to(self.device)).to(decoder.llm.dtype)  # [b, Nq, H]
             ids = self._llm_decoder.generate(prefix, gen, eos_token_id=tok.eos_token_id,
                                              pad_token_id=tok.pad_token_id)  # [b, T]
             texts.extend(t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True))

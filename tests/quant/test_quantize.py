@@ -1,0 +1,200 @@
+"""LLM weight quantization (vlv_engine.engine.quantize) on the CPU schemes.
+
+Bounds, stated once here:
+* one linear layer: the kernel's error against fp32 is at most twice (6.02 dB) the error of
+  the same quantization written in plain PyTorch (`quant_helpers.plain_quantized_linear`);
+* a trained tiny LLM (confident logits): greedy tokens of every CPU scheme equal fp32's on
+  at least 98% of positions (int8) / 95% (int4), and its logits keep an SQNR of at least
+  35 dB (int8 weight-only), 30 dB (int8 dynamic), 18 dB (int4);
+* the random tiny LLM (flat logits, where tokens flip on near-ties): logits SQNR of at least
+  20 dB (int8) and 3 dB (int4, groups of 32 over a width of 32).
+"""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from quant_helpers import LENGTH, plain_quantized_linear, sqnr_db
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from vlv_engine.config import GenerationConfig
+from vlv_engine.engine.decode import StaticDecoder
+from vlv_engine.engine.quantize import (SCHEMES, QuantizationError, check_scheme, decode_weight_bytes,
+                                        int4_group_size, quantize_llm, tensor_bytes)
+
+CPU_SCHEMES = ["int8_weight_only", "int8_dynamic", "int4_cpu"]
+GPU_SCHEMES = ["int4_weight_only", "fp8"]
+TRAINED_TOKENS = {"int8_weight_only": 0.98, "int8_dynamic": 0.98, "int4_cpu": 0.95}
+TRAINED_SQNR = {"int8_weight_only": 35.0, "int8_dynamic": 30.0, "int4_cpu": 18.0}
+TINY_SQNR = {"int8_weight_only": 20.0, "int8_dynamic": 20.0, "int4_cpu": 3.0}
+
+
+@pytest.mark.parametrize("scheme", CPU_SCHEMES)
+def test_linear_layer_matches_plain_reference(scheme):
+    from torchao.quantization import quantize_
+
+    from vlv_engine.engine.quantize import _torchao_config
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96)
+    x = torch.randn(5, 256)
+    model = copy.deepcopy(torch.nn.Sequential(lin))
+    dtype = SCHEMES[scheme].activation_dtype or torch.float32
+    model.to(dtype)
+    quantize_(model, _torchao_config(SCHEMES[scheme], 128))
+    with torch.no_grad():
+        exact = lin(x)
+        out = model(x.to(dtype)).float()
+        plain = plain_quantized_linear(scheme, lin, x)
+    assert is_traceable_wrapper_subclass(model[0].weight)  # really quantized, not a float fallback
+    assert sqnr_db(exact, out) >= sqnr_db(exact, plain) - 6.02
+
+
+@pytest.mark.parametrize("scheme", CPU_SCHEMES)
+def test_trained_llm_tokens_agree(trained, scheme):
+    llm, prefixes, sequences = trained
+    gen = GenerationConfig(max_new_tokens=LENGTH, num_beams=1)
+    ref = StaticDecoder(llm).generate(prefixes, gen, eos_token_id=None, pad_token_id=0)  # [32, 12]
+    assert (ref == sequences).float().mean() > 0.99  # the model learned its sequences
+    q = quantize_llm(copy.deepcopy(llm), scheme)
+    out = StaticDecoder(q).generate(prefixes, gen, eos_token_id=None, pad_token_id=0)
+    assert out.shape == ref.shape
+    assert (out == ref).float().mean().item() >= TRAINED_TOKENS[scheme]
+    with torch.no_grad():
+        exact = llm(inputs_embeds=prefixes).logits
+        approx = q(inputs_embeds=prefixes.to(q.dtype)).logits.float()
+    assert sqnr_db(exact, approx) >= TRAINED_SQNR[scheme]
+
+
+@pytest.mark.parametrize("scheme", CPU_SCHEMES)
+def test_tiny_llm_logits_sqnr(tiny, scheme):
+    llm = tiny.model.caption_decoder.llm
+    q = quantize_llm(copy.deepcopy(llm), scheme)
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        exact = llm(inputs_embeds=x).logits
+        approx = q(inputs_embeds=x.to(q.dtype)).logits.float()
+    assert sqnr_db(exact, approx) >= TINY_SQNR[scheme]
+
+
+def test_lm_head_untied_and_embedding_kept(trained):
+    llm = copy.deepcopy(trained[0])
+    emb_before = llm.get_input_embeddings().weight.detach().clone()
+    assert llm.lm_head.weight is llm.get_input_embeddings().weight
+    quantize_llm(llm, "int8_dynamic")
+    assert llm.config.tie_word_embeddings is False  # nothing ties the float embedding back over the head
+    assert llm.get_input_embeddings().weight.dtype == torch.float32
+    assert torch.equal(llm.get_input_embeddings().weight, emb_before)
+    assert type(llm.lm_head.weight).__name__ == "Int8Tensor"
+    llm.tie_weights()  # what loading / resizing code calls
+    assert type(llm.lm_head.weight).__name__ == "Int8Tensor"
+
+
+def test_weight_bytes_shrink(trained):
+    llm = trained[0]
+    fp32 = decode_weight_bytes(llm)
+    assert fp32 == sum(p.numel() * 4 for p in llm.parameters())  # tied: the table is the head, read each step
+    int8 = decode_weight_bytes(quantize_llm(copy.deepcopy(llm), "int8_weight_only"))
+    int4 = decode_weight_bytes(quantize_llm(copy.deepcopy(llm), "int4_cpu"))
+    # Linear weights 1 byte (int8) / ~half a byte + scales (int4); norms stay float.
+    assert 0.2 * fp32 < int8 < 0.35 * fp32
+    assert int4 < 0.8 * int8
+    w = torch.randn(128, 256)
+    assert tensor_bytes(w) == 128 * 256 * 4
+
+
+def test_global_compiler_config_untouched(trained):
+    import torch._inductor.config as inductor
+
+    keys = ("coordinate_descent_tuning", "coordinate_descent_check_all_directions", "force_fuse_int_mm_with_mul",
+            "fx_graph_cache")
+    before = {k: getattr(inductor, k) for k in keys}
+    precision = torch.get_float32_matmul_precision()
+    for scheme in CPU_SCHEMES:
+        quantize_llm(copy.deepcopy(trained[0]), scheme)
+    assert {k: getattr(inductor, k) for k in keys} == before
+    assert torch.get_float32_matmul_precision() == precision
+
+
+def test_torchao_imported_lazily():
+    # diffusers imports torchao itself when it is installed, so check our module's own
+    # top-level imports, and that everything imports and reports cleanly without torchao.
+    import ast
+
+    import vlv_engine.engine.quantize as quantize
+
+    tree = ast.parse(open(quantize.__file__).read())
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = [a.name for n in top for a in n.names] + [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
+    assert not [n for n in names if n.startswith("torchao")]
+    code = ("import sys; sys.modules['torchao'] = None\n"  # torchao absent
+            "import vlv_engine.engine.engine\n"
+            "from vlv_engine.engine.quantize import QuantizationError, check_scheme\n"
+            "try:\n    check_scheme('int8_dynamic', 'cpu')\nexcept QuantizationError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True, text=True)
+    assert "needs torchao" in out.stdout
+
+
+@pytest.mark.parametrize("scheme", GPU_SCHEMES)
+def test_gpu_schemes_refused_on_cpu(scheme):
+    with pytest.raises(QuantizationError, match=f"quantize='{scheme}' runs on CUDA only"):
+        check_scheme(scheme, "cpu")
+
+
+def test_gpu_scheme_refused_by_engine_on_cpu():
+    from vlv_engine.testing import tiny_engine
+
+    with pytest.raises(QuantizationError, match="int4_cpu"):  # the error names the CPU alternative
+        tiny_engine(with_diffusion=False, quantize="int4_weight_only")
+
+
+def test_cpu_scheme_refused_on_cuda_device_name():
+    with pytest.raises(QuantizationError, match="runs on CPU only"):
+        check_scheme("int4_cpu", "cuda")
+
+
+def test_unknown_scheme():
+    with pytest.raises(QuantizationError, match="unknown scheme.*int8_dynamic"):
+        check_scheme("int3", "cpu")
+
+
+def test_missing_torchao(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    with pytest.raises(QuantizationError, match=r"needs torchao: pip install -e '\.\[quant\]'"):
+        check_scheme("int8_dynamic", "cpu")
+
+
+def test_int4_group_size():
+    lins = {"a": torch.nn.Linear(896, 8), "b": torch.nn.Linear(4864, 8)}
+    assert int4_group_size(lins) == 128
+    assert int4_group_size({"a": torch.nn.Linear(96, 8)}) == 32
+    with pytest.raises(QuantizationError, match="widths \\[48\\]"):
+        int4_group_size({"a": torch.nn.Linear(48, 8)})
+
+
+def test_engine_quantized_captions(tiny):
+    from vlv_engine.testing import tiny_engine
+
+    images = [torch.rand(3, 40, 40) for _ in range(3)]
+    engine = tiny_engine(with_diffusion=False, quantize="int8_dynamic")
+    llm = engine.model.caption_decoder.llm
+    assert type(llm.lm_head.weight).__name__ == "Int8Tensor"
+    assert engine.model.encoder.query_embed.dtype == torch.float32  # only the LLM is quantized
+    assert torch.equal(engine.embed(images), tiny_engine(with_diffusion=False).embed(images))
+    captions = engine.caption(images, max_new_tokens=6, num_beams=2)
+    assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+
+
+def test_engine_int4_cpu_bf16_decoder():
+    from vlv_engine.testing import tiny_engine
+
+    engine = tiny_engine(with_diffusion=False, quantize="int4_cpu")
+    llm = engine.model.caption_decoder.llm
+    assert llm.dtype == torch.bfloat16 and engine.model.caption_decoder.caption_proj[0].weight.dtype == torch.float32
+    captions = engine.caption([torch.rand(3, 40, 40)], max_new_tokens=5, num_beams=1)
+    assert len(captions) == 1

@@ -1,0 +1,206 @@
+"""Weight quantization of the caption LLM with torchao, by scheme name.
+
+Decoding a caption reads every LLM weight once per new token; at small batches that
+read is the whole cost, so fewer bytes per weight is the speed-up. Only the LLM's
+linear layers (lm_head included) are quantized: the encoder path is compute bound
+and the caption embedding must not move.
+
+| scheme | device | weights | activations |
+| --- | --- | --- | --- |
+| int8_weight_only | CPU, CUDA | int8 per row | model dtype |
+| int8_dynamic | CPU, CUDA | int8 per row | int8 per token, computed at run time |
+| int4_weight_only | CUDA | int4, groups of 128 (tinygemm tile layout) | bf16 |
+| fp8 | CUDA, sm89+ | float8 e4m3 per row | float8 per row, dynamic |
+| int4_cpu | CPU | int4, groups of 128 (torchao's prototype opaque CPU layout) | bf16 |
+
+Which is fast where (docs: cpu-facts.md): on an AVX2 CPU without VNNI int8 weight-only
+is slower than fp32; int4_cpu and int8_dynamic are the fast ones. Schemes with bf16
+activations cast the LLM to bf16 first (the decoder's static cache follows the LLM's
+dtype; the rest of the model keeps its own).
+
+Two side effects of `torchao.quantize_` are undone or avoided here:
+* it sets global inductor options unless told not to: we always pass
+  `set_inductor_config=False`;
+* a tied lm_head (Qwen's) stops sharing the input embedding once its weight is
+  replaced; we record that in the config (`tie_word_embeddings=False`) so nothing ties
+  the float embedding back over the quantized head. The embedding stays in float
+  (one row is read per token).
+
+torchao is imported only when a scheme is applied; a missing torchao, a GPU scheme on a
+CPU or an unsupported GPU raise `QuantizationError` saying what to do.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+import torch
+from torch import nn
+
+
+class QuantizationError(RuntimeError):
+    """A quantization scheme cannot run here (unknown name, torchao, device, GPU)."""
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    devices: tuple[str, ...]
+    activation_dtype: torch.dtype | None  # None: keep the model's dtype
+    min_capability: tuple[int, int] | None  # CUDA compute capability
+    grouped: bool  # int4: group-wise scales, group size must divide in_features
+    summary: str
+
+
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (
+    Scheme("int8_weight_only", ("cpu", "cuda"), None, None, False, "int8 weights (per row), float activations"),
+    Scheme("int8_dynamic", ("cpu", "cuda"), None, None, False, "int8 weights and dynamic int8 activations"),
+    Scheme("int4_weight_only", ("cuda",), torch.bfloat16, (8, 0), True, "int4 weights (tinygemm), bf16 activations"),
+    Scheme("fp8", ("cuda",), torch.bfloat16, (8, 9), False, "float8 e4m3 weights and dynamic activations"),
+    Scheme("int4_cpu", ("cpu",), torch.bfloat16, None, True, "int4 weights (prototype CPU layout), bf16 activations"),
+)}
+
+INT4_GROUP_SIZES = (128, 64, 32)  # what the int4 kernels accept, largest (fewest scales) first
+
+
+def check_scheme(name: str, device: str | torch.device) -> Scheme:
+    """The scheme `name` if it can run on `device`, else a `QuantizationError` with the reason."""
+    scheme = SCHEMES.get(name)
+    if scheme is None:
+        raise QuantizationError(f"quantize={name!r}: unknown scheme; choose one of {sorted(SCHEMES)}")
+    device = torch.device(device)
+    if device.type not in scheme.devices:
+        raise QuantizationError(f"quantize={name!r} runs on {' or '.join(d.upper() for d in scheme.devices)} "
+                                f"only, not on {device.type!r}"
+                                + ("; on a CPU use 'int4_cpu'" if name == "int4_weight_only" else ""))
+    if importlib.util.find_spec("torchao") is None:
+        raise QuantizationError(f"quantize={name!r} needs torchao: pip install -e '.[quant]'")
+    if device.type == "cuda" and scheme.min_capability is not None:
+        if not torch.cuda.is_available():
+            raise QuantizationError(f"quantize={name!r}: no CUDA device is available")
+        cap = torch.cuda.get_device_capability(device)
+        if cap < scheme.min_capability:
+            raise QuantizationError(f"quantize={name!r} needs a GPU of compute capability "
+                                    f"{'.'.join(map(str, scheme.min_capability))} or newer; "
+                                    f"{torch.cuda.get_device_name(device)} is {cap[0]}.{cap[1]}")
+    return scheme
+
+
+def _torchao_config(scheme: Scheme, group_size: int | None):
+    # Lazy: importing torchao registers kernels and prints notices about missing native
+    # libraries; nothing of that belongs in `import vlv_engine`.
+    import torchao.quantization as tq
+
+    if scheme.name == "int8_weight_only":
+        return tq.Int8WeightOnlyConfig(set_inductor_config=False)
+    if scheme.name == "int8_dynamic":
+        return tq.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
+    if scheme.name == "int4_weight_only":
+        return tq.Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d",
+                                       set_inductor_config=False)
+    if scheme.name == "fp8":
+        from torchao.quantization.granularity import PerRow
+
+        return tq.Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    if scheme.name == "int4_cpu":
+        from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+
+        return PrototypeInt4WeightOnlyConfig(group_size=group_size, set_inductor_config=False)
+    raise AssertionError(scheme.name)
+
+
+def _linears(llm: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in llm.named_modules() if isinstance(m, nn.Linear)}
+
+
+def int4_group_size(linears: dict[str, nn.Linear]) -> int:
+    """The largest int4 group size that divides every layer's in_features."""
+    for g in INT4_GROUP_SIZES:
+        if all(m.in_features % g == 0 for m in linears.values()):
+            return g
+    widths = sorted({m.in_features for m in linears.values()})
+    raise QuantizationError(f"int4 quantization needs in_features divisible by one of {INT4_GROUP_SIZES}; "
+                            f"this LLM has linear layers of widths {widths}")
+
+
+def quantize_llm(llm: nn.Module, name: str, *, device: str | torch.device | None = None) -> nn.Module:
+    """Quantize the linear layers of `llm` in place with scheme `name`; returns `llm`.
+
+    The model should already be on its device. Schemes with bf16 activations cast it to
+    bf16 first. A tied lm_head is untied (see the module docstring)."""
+    device = torch.device(device) if device is not None else next(llm.parameters()).device
+    scheme = check_scheme(name, device)
+    from torchao.quantization import quantize_
+
+    linears = _linears(llm)
+    if not linears:
+        raise QuantizationError(f"quantize={name!r}: the LLM has no linear layers")
+    group = int4_group_size(linears) if scheme.grouped else None
+    if scheme.activation_dtype is not None and any(p.dtype != scheme.activation_dtype for p in llm.parameters()):
+        llm.to(dtype=scheme.activation_dtype)
+    was_tied = _lm_head_is_tied(llm)
+    quantize_(llm, _torchao_config(scheme, group), filter_fn=_is_linear)
+    if was_tied:
+        for cfg in {id(c): c for c in (llm.config, llm.config.get_text_config(decoder=True))}.values():
+            cfg.tie_word_embeddings = False
+    llm.requires_grad_(False)
+    llm.vlv_quantization = name  # read by weight_bytes() callers and reports
+    return llm
+
+
+def _is_linear(module: nn.Module, fqn: str) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+def _lm_head_is_tied(llm: nn.Module) -> bool:
+    get_out, get_in = getattr(llm, "get_output_embeddings", None), getattr(llm, "get_input_embeddings", None)
+    if get_out is None or get_in is None or get_out() is None:
+        return False
+    return get_out().weight is get_in().weight
+
+
+# --------------------------------------------------------------------------- bytes
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds, looking through torchao's wrapper subclasses (packed data + scales)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names if isinstance(getattr(t, n), torch.Tensor))
+    return t.numel() * t.element_size()
+
+
+def decode_weight_bytes(llm: nn.Module) -> int:
+    """Weight bytes one decode step reads: every parameter, except an untied input
+    embedding table (a step gathers one row of it)."""
+    emb = llm.get_input_embeddings() if hasattr(llm, "get_input_embeddings") else None
+    skip = None if emb is None or _lm_head_is_tied(llm) else emb.weight
+    seen: set[int] = set()
+    total = 0
+    for p in llm.parameters():
+        if id(p) in seen or p is skip:
+            continue
+        seen.add(id(p))
+        total += tensor_bytes(p.data if not _is_wrapper(p) else p)
+    return total
+
+
+def _is_wrapper(t: torch.Tensor) -> bool:
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    return is_traceable_wrapper_subclass(t) or is_traceable_wrapper_subclass(getattr(t, "data", t))
+
+
+def available_schemes(device: str | torch.device) -> list[str]:
+    """The scheme names `check_scheme` accepts on `device`."""
+    out = []
+    for name in SCHEMES:
+        try:
+            check_scheme(name, device)
+        except QuantizationError:
+            continue
+        out.append(name)
+    return out
+
