@@ -18,6 +18,8 @@ from vlv_engine import images as image_io
 from vlv_engine.config import GenerationConfig, VLVConfig
 from vlv_engine.engine.backends.select import BackendChoice, UNetRunner, build_unet_runner, select_backend
 from vlv_engine.engine.decode import DECODERS, make_decoder
+from vlv_engine.engine.encoder_path import build_encoder_path
+from vlv_engine.engine.encoder_select import select_encoder_backend
 from vlv_engine.engine.postprocess import official_postprocess
 from vlv_engine.engine.quantize import check_scheme, quantize_llm
 from vlv_engine.engine.results import ItemResult
@@ -35,7 +37,7 @@ class Engine:
     def __init__(self, model: VLVModel, *, llm_tokenizer=None, text_tokenizer=None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, max_pixels: int | None = image_io.DEFAULT_MAX_PIXELS,
                  batch_size: int = DEFAULT_BATCH_SIZE, decoder: str = "static",
-                 unet_backend: str | UNetRunner = "eager", quantize: str | None = None):
+                 unet_backend: str | UNetRunner = "eager", encoder_backend: str = "eager", quantize: str | None = None):
         # decoder: how captions are decoded from the prefix: "static" (our static-KV-cache
         # loop, `vlv_engine.engine.decode`; the default: in fp32 its tokens equal HF's, its
         # KV memory is allocated once per batch bucket, and on a CPU it is as fast as HF or
@@ -75,6 +77,11 @@ class Engine:
         self._unet_runner = None if isinstance(unet_backend, str) else unet_backend
         self.unet_backend = (select_backend(unet_backend, device=self.device, dtype=dtype)
                              if isinstance(unet_backend, str) else BackendChoice("custom", "a UNetRunner given"))
+        # encoder_backend: "eager" | "auto" | "compile" | "triton" for pixels -> caption
+        # embedding (vlv_engine.engine.encoder_select). Chosen here (an unknown or unavailable
+        # one fails now), built on the first encode (a compile is not free).
+        self.encoder_backend = select_encoder_backend(encoder_backend, device=self.device, dtype=dtype)
+        self._encoder_path = None
 
     # ------------------------------------------------------------------ loading
 
@@ -131,10 +138,23 @@ class Engine:
     # ------------------------------------------------------------------ embed
 
     @torch.no_grad()
+    def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalized pixels [B, 3, S, S] (`pixel_values`) -> caption embedding [B, Nq, D],
+        through the encoder backend chosen at construction (`self.encoder_backend`)."""
+        size = self.config.encoder.image_size
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 \
+                or tuple(pixel_values.shape[1:]) != (3, size, size):
+            got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(f"encode_pixels: pixel_values must be a [B, 3, {size}, {size}] tensor, got {got}")
+        if self._encoder_path is None:
+            self._encoder_path = build_encoder_path(self.encoder_backend, self.model, max_batch=self.batch_size)
+        return self._encoder_path(pixel_values.to(self.device, self.dtype))
+
+    @torch.no_grad()
     def embed_loaded(self, images: Sequence[Image.Image], batch_size: int | None = None) -> torch.Tensor:
         outs = []
         for lo, hi in self._chunks(len(images), batch_size):
-            outs.append(self.model.caption_embedding(self.pixel_values(images[lo:hi])))
+            outs.append(self.encode_pixels(self.pixel_values(images[lo:hi])))
         return torch.cat(outs) if outs else torch.empty(0)
 
     def embed(self, images: Sequence[Any] | Any, *, batch_size: int | None = None) -> torch.Tensor:
@@ -228,7 +248,7 @@ class Engine:
         diffusion.set_unet_backend(self._unet_runner)
         out: list[Image.Image] = []
         for lo, hi in self._chunks(len(loaded), batch_size):
-            cond = self.model.caption_embedding(self.pixel_values(loaded[lo:hi]))
+            cond = self.encode_pixels(self.pixel_values(loaded[lo:hi]))
             gens = [torch.Generator(device=self.device).manual_seed(seed) for _ in range(hi - lo)]
             pixels = diffusion.sample(cond, uncond, steps=steps, guidance_scale=guidance, generators=gens,
                                       scheduler=diffusion.make_scheduler(sampler))

@@ -1,6 +1,7 @@
 """y = GELU(x @ weight^T + bias) in one kernel: the first Linear and the GELU of phi/psi.
 
-``approximate`` follows nn.GELU: 'none' (exact erf, the default) or 'tanh'. Custom op
+``approximate`` follows nn.GELU: 'none' (exact erf, the default) or 'tanh'; 'quick' is
+CLIP's ``quick_gelu``, x * sigmoid(1.702 x) (OpenAI CLIP text encoders). Custom op
 ``vlv::linear_gelu``; forward only (inference path): backward through it raises.
 """
 
@@ -14,7 +15,8 @@ from torch import Tensor
 from vlv_engine.ops import reference
 from vlv_engine.ops._runtime import backend_for, dot_precision, kernel, rows, upcast_in_kernel
 
-_GELU_APPROXIMATIONS = ("none", "tanh")
+_GELU_APPROXIMATIONS = ("none", "tanh", "quick")
+_ACT_CODE = {"none": 0, "tanh": 1, "quick": 2}  # the kernel's ACT
 
 
 def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str) -> None:
@@ -59,7 +61,7 @@ def linear_gelu_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], approx
         x2, weight, bias.contiguous() if bias is not None else weight, y2,  # the kernel reads bias with unit stride
         m, n, k,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y2.stride(0), y2.stride(1),
-        HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",
+        HAS_BIAS=bias is not None, ACT=_ACT_CODE[approximate],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
         UPCAST=upcast_in_kernel(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
         num_warps=4, num_stages=3,

@@ -28,8 +28,12 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 approximate: str = "none") -> torch.Tensor:
     """GELU(x @ weight^T + bias); weight in nn.Linear's [out, in] layout; approximate as
-    nn.GELU ('none': exact erf, 'tanh')."""
-    return F.gelu(F.linear(x, weight, bias), approximate=approximate)
+    nn.GELU ('none': exact erf, 'tanh') or 'quick' (CLIP's quick_gelu: x * sigmoid(1.702 x),
+    written as transformers' QuickGELUActivation)."""
+    h = F.linear(x, weight, bias)
+    if approximate == "quick":
+        return h * torch.sigmoid(1.702 * h)
+    return F.gelu(h, approximate=approximate)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,

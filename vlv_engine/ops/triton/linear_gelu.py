@@ -18,6 +18,7 @@ Design and trade-offs:
   x * sigmoid(2 u), u = sqrt(2/pi)(x + 0.044715 x^3), the same function as
   0.5 x (1 + tanh u) without tl.extra.libdevice (not in the interpreter) and without
   the cancellation of 1 + tanh u for negative x; the sigmoid is spelled out with tl.exp.
+- Quick GELU (CLIP's ``quick_gelu``, OpenAI CLIP-L's text encoder): x * sigmoid(1.702 x).
 - Only builtins (no tl.cdiv, tl.sigmoid, tl.zeros: those are @triton.jit functions,
   which the interpreter cannot call when triton was imported before TRITON_INTERPRET
   was set; see layer_norm.py).
@@ -34,7 +35,7 @@ def linear_gelu_fwd_kernel(
     X, W, B, Y,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr,  # 0: erf GELU, 1: tanh GELU, 2: quick GELU
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -67,9 +68,11 @@ def linear_gelu_fwd_kernel(
 
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    if APPROX_TANH:
+    if ACT == 1:
         z = 1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)  # 2 * sqrt(2 / pi) * (...)
         y = acc / (1.0 + tl.exp(-z))  # x * sigmoid(z); exp overflow -> inf -> y = 0, the right limit
+    elif ACT == 2:
+        y = acc / (1.0 + tl.exp(-1.702 * acc))
     else:
         y = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))  # 1 / sqrt(2)
 

@@ -1,0 +1,172 @@
+"""The encoder path behind one call: normalized pixels [B, 3, S, S] -> caption embedding [B, Nq, D].
+
+Three runners, one per backend (chosen by `vlv_engine.engine.encoder_select`):
+
+* `EagerEncoderPath`: the model's own modules (`VLVModel.caption_embedding`), the
+  reference every other runner is checked against.
+* `CompiledEncoderPath`: the same function under ``torch.compile``. Compiled lazily, on
+  the first call of each batch bucket. ``batching="buckets"`` (default) pads a batch to
+  the next power of two up to ``max_batch`` and compiles one static-shape graph per
+  bucket (at most log2(max_batch) + 1 compiles); ``batching="dynamic"`` marks the batch
+  dim dynamic and compiles one graph for every size (benchmarks/encoder_path.py measures
+  both).
+* `TritonEncoderPath`: `FusedEncoderPath` (Florence-2's BART encoder and query decoder,
+  phi and the CLIP text encoder on the vlv ops; the DaViT vision tower stays as it is)
+  with the fixed-shape phi -> text encoder segment replayed from one CUDA graph per
+  batch bucket (`vlv_engine.engine.segment_graph`).
+
+None of them changes the model it is given: the fused modules share its parameters
+(and hold stacked copies of the q/k/v weights, taken when the runner is built).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from vlv_engine.engine.encoder_select import ENCODER_BACKENDS, EncoderBackendChoice
+from vlv_engine.engine.segment_graph import (BucketedSegment, bucket_for, cuda_graph_recorder, eager_recorder,
+                                             pad_rows, power_of_two_buckets)
+from vlv_engine.ops.fused_blocks import FusedBartDecoder, FusedBartEncoder, FusedCLIPTextEncoder
+from vlv_engine.ops.fused_modules import fuse_projector
+
+BATCHING = ("buckets", "dynamic")
+
+
+class CaptionEmbedding(nn.Module):
+    """`VLVModel.caption_embedding` as a module (what torch.compile compiles)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.model.caption_embedding(pixel_values)
+
+
+class EagerEncoderPath:
+    backend = "eager"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @torch.no_grad()
+    def __call__(self, pixel_values: Tensor) -> Tensor:
+        return self.model.caption_embedding(pixel_values)  # [B, Nq, D]
+
+
+class CompiledEncoderPath:
+    backend = "compile"
+
+    def __init__(self, model: nn.Module, *, max_batch: int = 8, batching: str = "buckets", mode: str | None = None,
+                 options: dict | None = None):
+        if batching not in BATCHING:
+            raise ValueError(f"unknown batching {batching!r}; choose one of {BATCHING}")
+        self.module = CaptionEmbedding(model).eval()
+        self.batching, self.mode, self.options = batching, mode, options
+        self.buckets = power_of_two_buckets(max_batch)
+        self._compiled: Callable[[Tensor], Tensor] | None = None
+
+    @property
+    def compiled(self) -> Callable[[Tensor], Tensor]:
+        if self._compiled is None:  # torch.compile is itself lazy: the work happens on the first call
+            # buckets: static shapes (dynamic=False); dynamic: the batch dim is marked per call.
+            self._compiled = torch.compile(self.module, dynamic=False if self.batching == "buckets" else None,
+                                           mode=self.mode, options=self.options)
+        return self._compiled
+
+    @torch.no_grad()
+    def __call__(self, pixel_values: Tensor) -> Tensor:
+        largest = self.buckets[-1]
+        outs = []
+        for lo in range(0, pixel_values.shape[0], largest):
+            x = pixel_values[lo:lo + largest]  # [n, 3, S, S]
+            n = x.shape[0]
+            if self.batching == "dynamic":
+                x = x.clone()  # mark_dynamic marks the tensor: never the caller's
+                torch._dynamo.mark_dynamic(x, 0)
+                outs.append(self.compiled(x))
+            else:
+                outs.append(self.compiled(pad_rows(x, bucket_for(n, self.buckets)))[:n])
+        return torch.cat(outs) if len(outs) != 1 else outs[0]
+
+
+class FusedEncoderPath(nn.Module):
+    """The encoder path with every transformer on the vlv ops (parameters shared with `model`).
+
+    pixels -> vision tower + projector (the model's own) -> [image, prompt] tokens
+    -> FusedBartEncoder -> FusedBartDecoder on the queries (`query_states`)
+    -> phi (Linear+GELU fused) -> FusedCLIPTextEncoder (`segment`) -> [B, Nq, D].
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        enc = model.encoder
+        self.encoder = enc  # vision tower, projector, prompt ids, queries: used as they are
+        lm = enc.florence.language_model
+        self.bart_encoder = FusedBartEncoder(lm.encoder)
+        self.query_decoder = FusedBartDecoder(lm.decoder)
+        self.phi = fuse_projector(enc.language_proj)
+        self.text_encoder = FusedCLIPTextEncoder(model.bottleneck.text_encoder)
+
+    def query_states(self, pixel_values: Tensor) -> Tensor:
+        enc = self.encoder
+        image = enc.image_tokens(pixel_values)  # [B, T_img, d]
+        prompt = enc.florence.get_input_embeddings()(enc.prompt_ids).to(image.dtype)  # [T_prompt, d]
+        tokens = torch.cat([image, prompt.unsqueeze(0).expand(image.shape[0], -1, -1)], dim=1)  # [B, T, d]
+        states = self.bart_encoder(tokens)  # [B, T, d]
+        queries = enc.query_embed.to(states.dtype).expand(states.shape[0], -1, -1)  # [B, Nq, d]
+        return self.query_decoder(queries, states)  # [B, Nq, d]
+
+    def segment(self, query_states: Tensor) -> Tensor:
+        """phi -> text encoder: [B, Nq, d] -> [B, Nq, D], fixed shapes per batch size."""
+        return self.text_encoder(self.phi(query_states))
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.segment(self.query_states(pixel_values))
+
+
+class TritonEncoderPath:
+    backend = "triton"
+
+    def __init__(self, model: nn.Module, *, max_batch: int = 8, cuda_graph: bool | None = None,
+                 recorder: Callable | None = None):
+        self.fused = FusedEncoderPath(model).eval()
+        self.buckets = power_of_two_buckets(max_batch)
+        self._recorder = recorder
+        self._cuda_graph = cuda_graph
+        self._segments: BucketedSegment | None = None
+
+    def _segment_runner(self, device: torch.device) -> BucketedSegment | None:
+        if self._segments is None:
+            recorder = self._recorder
+            if recorder is None and (self._cuda_graph if self._cuda_graph is not None else device.type == "cuda"):
+                recorder = cuda_graph_recorder
+            if recorder is None:
+                return None
+            self._segments = BucketedSegment(self.fused.segment, self.buckets, recorder)
+        return self._segments
+
+    @torch.no_grad()
+    def __call__(self, pixel_values: Tensor) -> Tensor:
+        q = self.fused.query_states(pixel_values)  # [B, Nq, d]
+        runner = self._segment_runner(q.device)
+        return self.fused.segment(q) if runner is None else runner(q)  # [B, Nq, D]
+
+
+def build_encoder_path(choice: EncoderBackendChoice | str, model: nn.Module, *, max_batch: int = 8, **options):
+    """The runner for a chosen backend over `model` (a `VLVModel`); `options` go to its constructor."""
+    name = choice.name if isinstance(choice, EncoderBackendChoice) else choice
+    if name == "eager":
+        return EagerEncoderPath(model)
+    if name == "compile":
+        return CompiledEncoderPath(model, max_batch=max_batch, **options)
+    if name == "triton":
+        return TritonEncoderPath(model, max_batch=max_batch, **options)
+    raise ValueError(f"unknown encoder backend {name!r}; choose one of {ENCODER_BACKENDS}")
+
+
+__all__ = ["BATCHING", "CaptionEmbedding", "CompiledEncoderPath", "EagerEncoderPath", "FusedEncoderPath",
+           "TritonEncoderPath", "build_encoder_path", "eager_recorder"]
