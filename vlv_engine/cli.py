@@ -33,12 +33,27 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
     return out
 
 
-def _load_engine(args: argparse.Namespace, **kwargs):
+def _load_engine(args: argparse.Namespace, device: str | None = None, **kwargs):
     import torch
 
     from vlv_engine import Engine
 
-    return Engine.from_pretrained(args.model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]), **kwargs)
+    return Engine.from_pretrained(args.model, device=device or args.device, dtype=getattr(torch, DTYPES[args.dtype]),
+                                  **kwargs)
+
+
+def _ray_engines(args: argparse.Namespace, options) -> None:
+    # Each actor loads the model itself, onto its own device (Ray gives a GPU actor
+    # one visible GPU, so "cuda" is that GPU), rather than unpickling the driver's copy.
+    import functools
+
+    import torch
+
+    from vlv_engine import Engine
+
+    options.engine_factory = functools.partial(Engine.from_pretrained, args.model, device=args.device,
+                                               dtype=getattr(torch, DTYPES[args.dtype]),
+                                               load_diffusion=args.self_check)
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -55,7 +70,18 @@ def cmd_caption(args: argparse.Namespace) -> int:
                          num_shards=args.num_shards, retry_failed=args.retry_failed,
                          embedding_cache=args.embedding_cache, generation=generation,
                          image_column=args.image_column, progress=not args.quiet,
-                         flush_seconds=args.flush_seconds)
+                         flush_seconds=args.flush_seconds, ray=args.ray, ray_address=args.ray_address,
+                         ray_actors=args.ray_actors)
+    if args.self_check:
+        from vlv_engine.batch.selfcheck import SelfCheckOptions
+
+        try:
+            options.self_check = SelfCheckOptions(steps=args.self_check_steps, threshold=args.self_check_threshold,
+                                                  guidance_scale=args.self_check_guidance,
+                                                  seed=args.self_check_seed)
+        except ValueError as err:
+            print(f"vlv caption: --self-check: {err}", file=sys.stderr)
+            return EXIT_USAGE
     if args.max_pixels is not None:
         options.max_pixels = args.max_pixels or None  # 0: no limit of ours (Pillow's still applies)
     try:
@@ -65,8 +91,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
         if not items:
             print("vlv caption: no input images found", file=sys.stderr)
             return EXIT_USAGE
-        engine = _load_engine(args, load_diffusion=False)
-        _share_cores_with_decoders(args.device, workers)
+        if args.ray:
+            _ray_engines(args, options)
+            engine = _load_engine(args, load_diffusion=args.self_check, device="cpu")  # revisions, settings
+        else:
+            engine = _load_engine(args, load_diffusion=args.self_check)
+            _share_cores_with_decoders(args.device, workers)
         summary = caption_dataset(engine, items, options, on_failure=None if args.quiet else _report_failure)
     except (InputSpecError, OutputError, ManifestError, UsageError) as err:
         print(f"vlv caption: {err}", file=sys.stderr)
@@ -240,6 +270,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flush-seconds", type=float, default=1.0, help="write, fsync and commit finished batches "
                                                                    "this often: the most work a crash can cost "
                                                                    "(0: after every batch)")
+    p.add_argument("--self-check", action="store_true",
+                   help="redraw each image from its caption embedding and score the caption's fidelity "
+                        "(self_check_score in [0, 1], self_check_low below the threshold); needs a model with "
+                        "its diffusion decoder")
+    p.add_argument("--self-check-steps", type=int, default=8, help="DPM-Solver++ steps of each redraw (default 8)")
+    p.add_argument("--self-check-threshold", type=float, default=0.5,
+                   help="flag records scoring below this (default 0.5)")
+    p.add_argument("--self-check-guidance", type=float, help="guidance scale of the redraw (default: the model's)")
+    p.add_argument("--self-check-seed", type=int, default=0)
+    p.add_argument("--ray", action="store_true", help="run the model on a pool of Ray actors (pip install "
+                                                      "'vlv-engine[ray]'); the manifest and outputs stay here")
+    p.add_argument("--ray-address", help="'auto' (a running cluster), 'local' (start one here) or an address "
+                                         "(default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--ray-actors", type=int, help="engine actors (default: one per GPU, else one per CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, failures or summary on stderr")
     p.set_defaults(func=cmd_caption)
 

@@ -30,9 +30,23 @@ from typing import Any
 from vlv_engine.batch.manifest import DONE, FAILED, Commit, Manifest, Result
 from vlv_engine.batch.durable import fsync_dir, replace_atomically
 
-__all__ = ["JsonlOutput", "content_key", "encode_lines"]
+__all__ = ["BASE_FIELDS", "JsonlOutput", "content_key", "encode_lines", "record_result"]
 
 log = logging.getLogger(__name__)
+
+
+#: The fields every record has (or may have: caption or reason); any other field is
+#: the result's ``extra`` (``manifest.Result``), e.g. the self-check score.
+BASE_FIELDS = frozenset({"id", "path", "caption", "reason", "sha256", "model", "gen"})
+
+
+def record_result(record: dict[str, Any]) -> Result:
+    """The manifest result a record was written from."""
+    extra = {k: v for k, v in record.items() if k not in BASE_FIELDS}
+    extra_text = json.dumps(extra, sort_keys=True) if extra else None
+    if "caption" in record:
+        return Result(DONE, caption=record["caption"], extra=extra_text)
+    return Result(FAILED, reason=record.get("reason"), extra=extra_text)
 
 
 def content_key(record: dict[str, Any]) -> str:
@@ -97,8 +111,7 @@ class JsonlOutput:
             log.info("%s: cutting a torn tail of %d bytes", self.path, size - good)
             os.truncate(self.path, good)
         self.offset = good
-        results = [(content_key(r), Result(DONE, caption=r["caption"]) if "caption" in r
-                    else Result(FAILED, reason=r.get("reason"))) for r in records]
+        results = [(content_key(r), record_result(r)) for r in records]
         emitted = [(r["id"], content_key(r)) for r in records]
         manifest.commit(Commit(results, [], {self.stream: emitted}, {self.stream: self.state()}),
                         forget={self.stream: None})

@@ -35,14 +35,16 @@ from typing import Any
 __all__ = ["DONE", "FAILED", "Commit", "Manifest", "ManifestError", "Result"]
 
 DONE, FAILED = "done", "failed"
-SCHEMA_VERSION = 1
+# 2: results.extra (fields a record carries besides the caption, e.g. the self-check
+# score).  A version-1 manifest gets the column on open; older code refuses version 2.
+SCHEMA_VERSION = 2
 _CHUNK = 500  # below SQLite's bound-parameter limit
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS results (
     sha256 TEXT NOT NULL, model TEXT NOT NULL, gen TEXT NOT NULL,
-    status TEXT NOT NULL, caption TEXT, reason TEXT,
+    status TEXT NOT NULL, caption TEXT, reason TEXT, extra TEXT,
     PRIMARY KEY (sha256, model, gen)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS items (
     item_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, sha256 TEXT NOT NULL) WITHOUT ROWID;
@@ -62,6 +64,12 @@ class Result:
     status: str  # DONE or FAILED
     caption: str | None = None
     reason: str | None = None
+    # Further record fields as JSON text (``extra_fields``), e.g. the self-check score;
+    # text, not a dict, so a Result stays hashable and is stored as it is.
+    extra: str | None = None
+
+    def extra_fields(self) -> dict[str, Any]:
+        return json.loads(self.extra) if self.extra else {}
 
 
 @dataclass
@@ -93,11 +101,13 @@ class Manifest:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 self._db.execute(statement)
             row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) > SCHEMA_VERSION:
+            if row is not None and int(row[0]) > SCHEMA_VERSION:
                 raise ManifestError(f"{self.path}: manifest schema {row[0]} is newer than this vlv-engine's "
                                     f"({SCHEMA_VERSION})")
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(results)")}
+            if "extra" not in columns:
+                self._db.execute("ALTER TABLE results ADD COLUMN extra TEXT")
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             self._db.execute("COMMIT")
         except sqlite3.OperationalError as exc:
             self._db.close()
@@ -132,9 +142,9 @@ class Manifest:
     def results(self, shas: Iterable[str]) -> dict[str, Result]:
         """sha256 -> result under this manifest's model and generation settings."""
         keys = {_key(s): s for s in shas}
-        rows = self._select("SELECT sha256, status, caption, reason FROM results WHERE model=? AND gen=? "
+        rows = self._select("SELECT sha256, status, caption, reason, extra FROM results WHERE model=? AND gen=? "
                             "AND sha256 IN ({})", sorted(keys), (self.model, self.gen))
-        return {keys[r[0]]: Result(r[1], r[2], r[3]) for r in rows}
+        return {keys[r[0]]: Result(r[1], r[2], r[3], r[4]) for r in rows}
 
     def emitted(self, stream: str, item_ids: Sequence[str]) -> dict[str, str]:
         """item_id -> sha256 of the record that output stream already holds."""
@@ -169,8 +179,9 @@ class Manifest:
                 else:
                     db.executemany("DELETE FROM emitted WHERE stream=? AND item_id=?",
                                    [(stream, _key(i)) for i in ids])
-            db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
-                           [(_key(sha), self.model, self.gen, r.status, _text(r.caption), _text(r.reason))
+            db.executemany("INSERT OR REPLACE INTO results (sha256, model, gen, status, caption, reason, extra) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           [(_key(sha), self.model, self.gen, r.status, _text(r.caption), _text(r.reason), r.extra)
                             for sha, r in commit.results])
             db.executemany("INSERT OR REPLACE INTO items VALUES (?, ?, ?)",
                            [(_key(i), fp, _key(sha)) for i, fp, sha in commit.items])

@@ -37,6 +37,17 @@ class JobOptions:
     progress: bool = False
     tar_max_per_shard: int = 10_000
     stream: Any = None  # a text stream for out=None (default sys.stdout)
+    # Redraw each image from its caption embedding and score the caption's fidelity
+    # (``selfcheck.py``): a ``SelfCheckOptions``, or True for its defaults.
+    self_check: Any = None
+    # Run the model on a pool of Ray actors (``ray_runner.py``; needs the ``ray`` extra).
+    ray: bool = False
+    ray_address: str | None = None  # "auto" (a running cluster), "local" (start one), an address; None: auto, else local
+    ray_actors: int | None = None  # engine actors (default: one per GPU, else one per 2 CPUs of the cluster)
+    ray_gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    # Builds each actor's engine (picklable, e.g. functools.partial(Engine.from_pretrained,
+    # path, device="cuda")); None ships the driver's engine to the actors as it is.
+    engine_factory: Any = None
 
 
 @dataclass(frozen=True)

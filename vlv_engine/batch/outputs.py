@@ -193,12 +193,16 @@ def _add_member(buf: io.BytesIO, name: str, data: bytes) -> None:
 class ParquetOutput:
     stream = "parquet"
 
-    def __init__(self, path: str | Path, binding: dict[str, str]) -> None:
+    def __init__(self, path: str | Path, binding: dict[str, str], *,
+                 extra_columns: dict[str, str] | None = None) -> None:
+        # extra_columns: record fields beyond the base ones, name -> pyarrow type name
+        # ("float64", "bool"), so the file has them even when no record does.
         try:
             import pyarrow  # noqa: F401
         except ImportError:
             raise OutputError("parquet output needs pyarrow: pip install pyarrow") from None
         self.path = Path(path)
+        self.extra_columns = dict(extra_columns or {})
         self.staging = JsonlOutput(self.path.with_name(f".{self.path.name}.staging.jsonl"), self.stream, binding)
 
     def open(self, manifest: Manifest) -> None:
@@ -217,7 +221,8 @@ class ParquetOutput:
         with open(self.staging.path, "rb") as fp:
             records = [json.loads(line) for line in fp.read(self.staging.offset).splitlines()]
         sink = io.BytesIO()
-        schema = pa.schema([(name, pa.string()) for name in ("id", "path", "caption", "sha256", "model", "gen")])
+        schema = pa.schema([(name, pa.string()) for name in ("id", "path", "caption", "sha256", "model", "gen")]
+                           + [(name, pa.type_for_alias(kind)) for name, kind in self.extra_columns.items()])
         pq.write_table(pa.Table.from_pylist(records, schema=schema), sink)
         replace_atomically(self.path, sink.getvalue())
 

@@ -54,9 +54,13 @@ def engine_revision(engine: Any) -> Revision:
     return Revision(encoder=enc, decoder=dec, model=hashlib.sha256(f"{enc}:{dec}".encode()).hexdigest()[:16])
 
 
-def generation_hash(generation: Any) -> str:
-    """A ``GenerationConfig`` (the model's defaults merged with the overrides) as a hash."""
+def generation_hash(generation: Any, *, extra: dict[str, Any] | None = None) -> str:
+    """A ``GenerationConfig`` (the model's defaults merged with the overrides) as a hash;
+    ``extra`` (e.g. the self-check's settings) joins it when given, and without it the
+    hash is what it always was, so existing manifests stay valid."""
     fields = dataclasses.asdict(generation)
+    if extra:
+        fields = {"generation": fields, "extra": extra}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 

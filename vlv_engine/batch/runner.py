@@ -19,30 +19,30 @@ writes the same file as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
 
 from vlv_engine.batch.decode import DecodePool, DecodeTask, Decoded
 from vlv_engine.batch.embedding_cache import EmbeddingCache
 from vlv_engine.batch.inputs import Item, collect_items, shard_of
 from vlv_engine.batch.jsonl import JsonlOutput
 from vlv_engine.batch.manifest import DONE, FAILED, Commit, Manifest, Result
-from vlv_engine.batch.oom import AdaptiveBatch
+from vlv_engine.batch.model_stage import ModelStage
 from vlv_engine.batch.options import JobOptions, JobPaths, RunSummary, UsageError
 from vlv_engine.batch.outputs import (FORMATS, Output, ParquetOutput, SidecarOutput, StreamOutput, TarOutput,
                                       sidecar_path)
 from vlv_engine.batch.plan import Planned, make_plan, unreadable_key
 from vlv_engine.batch.revision import Revision, engine_revision, generation_hash
+from vlv_engine.batch.selfcheck import RECORD_COLUMNS, SelfCheck, SelfCheckOptions
 
 __all__ = ["caption_dataset"]
 
@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 # Called for each item that fails in this run: (item, reason).
 OnFailure = Callable[[Item, str], None]
+# Results computed elsewhere (Ray actors) by content key; None: computed by _process.
+Computed = dict[str, Result] | None
 
 
 def caption_dataset(engine: Any, inputs: Sequence[str] | Sequence[Item], options: JobOptions | None = None, *,
@@ -67,12 +69,18 @@ def caption_dataset(engine: Any, inputs: Sequence[str] | Sequence[Item], options
         generation = engine.generation_config(**options.generation)
     except TypeError as exc:
         raise UsageError(str(exc)) from None
+    self_check = make_self_check(engine, options.self_check)
+    if options.ray:
+        from vlv_engine.batch.ray_runner import check_ray_job
+
+        check_ray_job(options)  # before any work: ray installed, options it supports
     paths = JobPaths.resolve(options)
     items = _select(inputs, options)
     if options.format == "txt":
         _check_sidecars(items)
     revision = engine_revision(engine)
-    binding = {"model": revision.model, "gen": generation_hash(generation)}
+    binding = {"model": revision.model,
+               "gen": generation_hash(generation, extra=self_check.key() if self_check else None)}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vlv-caption-") as scratch:
         manifest_path = paths.manifest or Path(scratch) / "manifest.sqlite"
@@ -81,13 +89,30 @@ def caption_dataset(engine: Any, inputs: Sequence[str] | Sequence[Item], options
             errors: Output = JsonlOutput(paths.errors or Path(scratch) / "errors.jsonl", "errors", binding)
             output.open(manifest)
             errors.open(manifest)
-            summary = _Run(engine, options, manifest, output, errors, revision, generation, on_failure).run(items)
+            if options.ray:
+                from vlv_engine.batch.ray_runner import RayRun
+
+                run = RayRun(engine, options, manifest, output, errors, revision, generation, on_failure,
+                             self_check)
+            else:
+                run = _Run(engine, options, manifest, output, errors, revision, generation, on_failure, self_check)
+            summary = run.run(items)
     summary.seconds = time.perf_counter() - started
     summary.paths = paths
     log.info("caption job: %d items, %d already done, %d captioned, %d reused, %d failed, %.1f s",
              summary.total, summary.already_done, summary.captioned, summary.reused, summary.failed,
              summary.seconds)
     return summary
+
+
+def make_self_check(engine: Any, option: SelfCheckOptions | bool | None) -> SelfCheck | None:
+    """The job's self-check (None when off); ``True`` means the default settings."""
+    if not option:
+        return None
+    try:
+        return SelfCheck(engine, SelfCheckOptions() if option is True else option)
+    except ValueError as exc:
+        raise UsageError(f"--self-check: {exc}") from None
 
 
 def _with_overrides(options: JobOptions, overrides: dict[str, Any]) -> JobOptions:
@@ -126,7 +151,7 @@ def _make_output(options: JobOptions, paths: JobPaths, binding: dict[str, str]) 
     if options.format == "tar":
         return TarOutput(paths.out, paths.tar_prefix, binding, max_per_shard=options.tar_max_per_shard)
     if options.format == "parquet":
-        return ParquetOutput(paths.out, binding)
+        return ParquetOutput(paths.out, binding, extra_columns=RECORD_COLUMNS if options.self_check else None)
     if paths.out is None:
         return StreamOutput(options.stream or sys.stdout)
     return JsonlOutput(paths.out, "out", binding)
@@ -134,7 +159,8 @@ def _make_output(options: JobOptions, paths: JobPaths, binding: dict[str, str]) 
 
 class _Run:
     def __init__(self, engine: Any, options: JobOptions, manifest: Manifest, output: Output, errors: Output,
-                 revision: Revision, generation: Any, on_failure: OnFailure | None) -> None:
+                 revision: Revision, generation: Any, on_failure: OnFailure | None,
+                 self_check: SelfCheck | None = None) -> None:
         self.engine = engine
         self.options = options
         self.manifest = manifest
@@ -143,10 +169,10 @@ class _Run:
         self.binding = {"model": manifest.model, "gen": manifest.gen}
         self.generation = generation
         self.on_failure = on_failure
-        self.encode_batch = AdaptiveBatch(options.batch_size)
-        self.decode_batch = AdaptiveBatch(options.batch_size)
         self.cache = (EmbeddingCache(options.embedding_cache, revision.encoder)
                       if options.embedding_cache else None)
+        self.model = ModelStage(engine, options.generation, options.batch_size, cache=self.cache,
+                                self_check=self_check)
         self.summary = RunSummary()
         self.pending = _Pending()
         self.last_flush = time.monotonic()
@@ -157,16 +183,14 @@ class _Run:
         s.total, s.already_done, s.failed = len(items), plan.already_done, plan.already_failed
         log.info("caption job: %d items, %d finished earlier, %d to do", len(items),
                  plan.already_done + plan.already_failed, len(plan.todo))
-        size = self.engine.config.encoder.image_size
         batches = [plan.todo[i:i + self.options.batch_size]
                    for i in range(0, len(plan.todo), self.options.batch_size)]
         progress = _progress(len(plan.todo), self.options.progress)
         try:
-            with DecodePool(self.options.workers, size=size, max_pixels=self.options.max_pixels,
-                            max_in_flight=self.options.max_in_flight) as pool:
+            with contextlib.closing(self._stream(batches)) as stream:
                 try:
-                    for batch, decoded in zip(batches, pool.map(self._tasks(b) for b in batches)):
-                        self._process(batch, decoded)
+                    for batch, decoded, computed in stream:
+                        self._process(batch, decoded, computed)
                         progress.update(len(batch))
                         progress.set_postfix(failed=s.failed, refresh=False)
                 finally:
@@ -179,6 +203,16 @@ class _Run:
                 self.cache.close()
         return s
 
+    def _stream(self, batches: list[list[Planned]]) -> Iterator[tuple[list[Planned], list[Decoded], Computed]]:
+        """Each batch with its decoded items, in order; decode workers run ahead.  The
+        model runs in ``_process`` (``Computed`` None); the Ray runner overrides this to
+        return results its actors computed."""
+        size = self.engine.config.encoder.image_size
+        with DecodePool(self.options.workers, size=size, max_pixels=self.options.max_pixels,
+                        max_in_flight=self.options.max_in_flight) as pool:
+            for batch, decoded in zip(batches, pool.map(self._tasks(b) for b in batches)):
+                yield batch, decoded, None
+
     def _tasks(self, batch: list[Planned]) -> list[DecodeTask]:
         # Decided once, here: the cache grows while this batch waits in the pool.
         for p in batch:
@@ -187,13 +221,11 @@ class _Run:
 
     def _needs_read(self, p: Planned) -> bool:
         # A known hash (unchanged fingerprint) with a cached embedding needs no bytes.
-        if p.result is not None:
-            return False
-        return not (p.sha is not None and self.cache is not None and p.sha in self.cache)
+        return p.result is None and self.model.needs_pixels(p.sha)
 
     # ------------------------------------------------------------------ one batch
 
-    def _process(self, batch: list[Planned], decoded: list[Decoded]) -> None:
+    def _process(self, batch: list[Planned], decoded: list[Decoded], computed: Computed = None) -> None:
         reads = iter(decoded)
         keys: list[str] = []
         pixels: dict[str, np.ndarray] = {}
@@ -218,8 +250,10 @@ class _Run:
         new: dict[str, Result] = {k: Result(FAILED, reason=r) for k, r in reasons.items() if k not in known}
         todo = sorted({k for p, k in zip(batch, keys)
                        if p.result is None and k not in known and k not in new})
-        for key, caption in zip(todo, self._captions(todo, pixels)):
-            new[key] = Result(DONE, caption=caption)
+        if computed is None:
+            new.update(zip(todo, self.model.results(todo, pixels)))
+        else:
+            new.update((k, computed[k]) for k in todo)
         self.summary.captioned += len(todo)
 
         out_entries, err_entries = [], []
@@ -268,27 +302,8 @@ class _Run:
             record["reason"] = result.reason
         record["sha256"] = None if key == unreadable_key(item.item_id) else key
         record.update(self.binding)
+        record.update(result.extra_fields())
         return record
-
-    def _captions(self, keys: list[str], pixels: dict[str, np.ndarray]) -> list[str]:
-        if not keys:
-            return []
-        embeddings: dict[str, torch.Tensor] = self.cache.get_many(keys) if self.cache is not None else {}
-        missing = [k for k in keys if k not in embeddings]
-        if missing:
-            fresh = self.encode_batch.run(self._encode, [pixels[k] for k in missing])
-            embeddings.update(zip(missing, fresh))
-            if self.cache is not None:
-                self.cache.put_many({k: embeddings[k] for k in missing})
-        return self.decode_batch.run(self._decode, [embeddings[k] for k in keys])
-
-    def _encode(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        images = [Image.fromarray(a) for a in arrays]
-        return list(self.engine.embed_loaded(images, batch_size=len(images)))  # each [Nq, D]
-
-    def _decode(self, embeddings: Sequence[torch.Tensor]) -> list[str]:
-        stacked = torch.stack(list(embeddings))  # [b, Nq, D]
-        return self.engine.caption_embeddings(stacked, batch_size=len(embeddings), **self.options.generation)
 
 
 class _Pending:
