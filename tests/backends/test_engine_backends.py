@@ -7,6 +7,7 @@ VAE, a pixel can land on the other side of a rounding boundary, never further).
 
 import numpy as np
 import pytest
+import torch
 
 from vlv_engine.engine.backends import BackendUnavailable
 from vlv_engine.testing import tiny_engine
@@ -23,11 +24,13 @@ def test_reconstruct_with_onnx_matches_eager(rgb_images, cache_env):
     assert runner.backend == "onnx"
     assert runner.runner.calls == onnx.config.diffusion.num_inference_steps  # one batched CFG call per step
     assert runner.artifact.path.is_relative_to(cache_env / "backends")
+    vae = onnx.model.diffusion._vae_decoder_runner  # the VAE decoder follows the UNet onto ONNX Runtime
+    assert vae.backend == "onnx" and vae.runner.calls == 1 and vae.artifact.path != runner.artifact.path
     diff = max(np.abs(a - b).max() for a, b in zip(got, want))
     assert diff <= 1
     # eager engines leave the decoder on its eager path
     eager.reconstruct(images[:1])
-    assert eager.model.diffusion._unet_runner is None
+    assert eager.model.diffusion._unet_runner is None and eager.model.diffusion._vae_decoder_runner is None
 
 
 def test_engine_takes_a_runner_object(rgb_images):
@@ -48,3 +51,24 @@ def test_engine_refuses_unknown_or_unavailable_backends():
         tiny_engine(seed=0, unet_backend="fast")
     with pytest.raises(BackendUnavailable, match="CUDA"):
         tiny_engine(seed=0, unet_backend="tensorrt")
+
+
+def test_vae_decoder_runner_replaces_the_eager_decode(rgb_images):
+    engine = tiny_engine(seed=0)
+    diffusion = engine.model.diffusion
+    latents = diffusion.encode(engine.pixel_values(engine.load_images(rgb_images[:2])) * 2 - 1, sample=False)
+    want = diffusion.decode(latents)
+    seen = []
+
+    def runner(unscaled):
+        seen.append(unscaled)
+        return diffusion.vae.decode(unscaled).sample * 0 - 1  # all black: clearly not the eager result
+
+    diffusion.set_vae_decoder_backend(runner)
+    try:
+        got = diffusion.decode(latents)
+    finally:
+        diffusion.set_vae_decoder_backend(None)
+    assert torch.allclose(seen[0], latents / diffusion.scaling_factor)  # the runner gets unscaled latents
+    assert torch.equal(got, torch.zeros_like(got)) and not torch.equal(want, got)
+    assert torch.equal(diffusion.decode(latents), want)  # None restores eager

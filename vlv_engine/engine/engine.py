@@ -16,7 +16,8 @@ from PIL import Image
 
 from vlv_engine import images as image_io
 from vlv_engine.config import GenerationConfig, VLVConfig
-from vlv_engine.engine.backends.select import BackendChoice, UNetRunner, build_unet_runner, select_backend
+from vlv_engine.engine.backends.select import (BackendChoice, UNetRunner, build_unet_runner,
+                                               build_vae_decoder_runner, select_backend)
 from vlv_engine.engine.decode import DECODERS, make_decoder
 from vlv_engine.engine.encoder_path import build_encoder_path
 from vlv_engine.engine.encoder_select import select_encoder_backend
@@ -75,6 +76,7 @@ class Engine:
         # (vlv_engine.engine.backends). Chosen here (an unknown or unavailable one fails
         # now), built on the first reconstruct (an ONNX export or engine build is not free).
         self._unet_runner = None if isinstance(unet_backend, str) else unet_backend
+        self._vae_runner = None
         self.unet_backend = (select_backend(unet_backend, device=self.device, dtype=dtype)
                              if isinstance(unet_backend, str) else BackendChoice("custom", "a UNetRunner given"))
         # encoder_backend: "eager" | "auto" | "compile" | "triton" for pixels -> caption
@@ -245,7 +247,11 @@ class Engine:
             self._unet_runner = build_unet_runner(self.unet_backend, diffusion, max_batch=self.batch_size,
                                                   num_queries=self.config.encoder.num_queries,
                                                   device=self.device, dtype=self.dtype)
+            # The VAE decoder follows the UNet onto the same backend (its own export and cache).
+            self._vae_runner = build_vae_decoder_runner(self.unet_backend, diffusion, max_batch=self.batch_size,
+                                                        device=self.device, dtype=self.dtype)
         diffusion.set_unet_backend(self._unet_runner)
+        diffusion.set_vae_decoder_backend(self._vae_runner)
         out: list[Image.Image] = []
         for lo, hi in self._chunks(len(loaded), batch_size):
             cond = self.encode_pixels(self.pixel_values(loaded[lo:hi]))

@@ -93,8 +93,11 @@ class DiffusionDecoder(nn.Module):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [0, 1], [B, 3, H, W] fp32."""
-        vae_dtype = self.vae.dtype
-        images = self.vae.decode((latents / self.scaling_factor).to(vae_dtype)).sample
+        unscaled = latents / self.scaling_factor
+        if self._vae_decoder_runner is not None:
+            images = self._vae_decoder_runner(unscaled)
+        else:
+            images = self.vae.decode(unscaled.to(self.vae.dtype)).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     # A `UNetRunner` (vlv_engine.engine.backends) replacing the eager UNet call; None: eager.
@@ -105,6 +108,12 @@ class DiffusionDecoder(nn.Module):
         TensorRT, torch.compile, ...); None restores the eager UNet. The runner is not a
         submodule: it adds nothing to the state dict."""
         self.__dict__["_unet_runner"] = runner
+
+    # The same for the VAE decoder: a runner(unscaled latents) -> images in [-1, 1]; None: eager.
+    _vae_decoder_runner = None
+
+    def set_vae_decoder_backend(self, runner) -> None:
+        self.__dict__["_vae_decoder_runner"] = runner
 
     def predict_noise(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if self._unet_runner is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from vlv_engine.engine.backends.contract import UNetStep, batch_timestep
+from vlv_engine.engine.backends.contract import UNetStep, VAEDecoderStep, batch_timestep
 
 
 class CompiledUNetRunner:
@@ -35,3 +35,17 @@ class CompiledUNetRunner:
             x = x.contiguous(memory_format=torch.channels_last)
         out = self.compiled(x, batch_timestep(t, latents), context.to(self.dtype))
         return out.to(latents.dtype).contiguous()
+
+
+class CompiledVAEDecoderRunner:
+    """``torch.compile`` of ``vae.decode``: unscaled latents -> images in [-1, 1]."""
+
+    backend = "compile"
+
+    def __init__(self, decoder, *, mode: str | None = None, dynamic: bool | None = None):
+        self.dtype = decoder.vae.dtype
+        self.compiled = torch.compile(VAEDecoderStep(decoder.vae).eval(), mode=mode, dynamic=dynamic)
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.compiled(latents.to(self.dtype)).to(latents.dtype).contiguous()

@@ -149,3 +149,28 @@ def build_unet_runner(choice: BackendChoice | str, decoder, *, num_queries: int,
 
         return CompiledUNetRunner(decoder, channels_last=channels_last)
     raise ValueError(f"unknown UNet backend {name!r}; choose one of {BACKENDS}")
+
+
+def build_vae_decoder_runner(choice: BackendChoice | str, decoder, *, max_batch: int = 8,
+                             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                             cache_dir: str | Path | None = None, threads: int | None = None):
+    """The VAE decoder's runner on the backend chosen for the UNet; None for eager (the
+    decoder then calls ``vae.decode`` itself). The VAE keeps its own dtype (`vae_dtype`)."""
+    name = choice.name if isinstance(choice, BackendChoice) else choice
+    if name in ("eager", "custom"):
+        return None
+    if name == "onnx":
+        from vlv_engine.engine.backends.onnx_backend import onnx_vae_decoder_runner
+
+        return onnx_vae_decoder_runner(decoder, max_batch=max_batch, cache_dir=cache_dir, device=device,
+                                       threads=threads)
+    if name == "tensorrt":
+        from vlv_engine.engine.backends.tensorrt_backend import tensorrt_vae_decoder_runner
+
+        return tensorrt_vae_decoder_runner(decoder, max_batch=max_batch, dtype=decoder.vae.dtype, device=device,
+                                           cache_dir=cache_dir)
+    if name == "compile":
+        from vlv_engine.engine.backends.compile_backend import CompiledVAEDecoderRunner
+
+        return CompiledVAEDecoderRunner(decoder)
+    raise ValueError(f"unknown VAE decoder backend {name!r}; choose one of {BACKENDS}")

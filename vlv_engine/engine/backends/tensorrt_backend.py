@@ -32,7 +32,8 @@ from typing import Any, Mapping
 import torch
 
 from vlv_engine.engine.backends import cache
-from vlv_engine.engine.backends.contract import ContractError, IOContract, unet_exportable, unet_inputs
+from vlv_engine.engine.backends.contract import (ContractError, IOContract, unet_exportable, unet_inputs,
+                                                 vae_decoder_exportable)
 
 ENGINE_FILE = "model.plan"
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
@@ -268,10 +269,9 @@ class TensorRTUNetRunner:
         return torch.cat(parts).to(latents.dtype)
 
 
-def tensorrt_unet_runner(decoder, *, num_queries: int, max_batch: int = 8, dtype: torch.dtype = torch.float16,
-                         device: str | torch.device = "cuda", cache_dir: str | Path | None = None,
-                         options: BuildOptions | None = None, cuda_graph: bool = False) -> TensorRTUNetRunner:
-    """Export the UNet step to ONNX (cached), build a TensorRT engine (cached), load it."""
+def _cached_engine(exp, *, kind: str, dtype: torch.dtype, device: str | torch.device,
+                   cache_dir: str | Path | None, options: BuildOptions | None, cuda_graph: bool) -> TensorRTEngine:
+    """Export `exp` to ONNX (cached), build its TensorRT engine (cached), load it."""
     trt = import_tensorrt()  # fail before any export work
     from vlv_engine.engine.backends.onnx_backend import ensure_onnx
 
@@ -280,14 +280,48 @@ def tensorrt_unet_runner(decoder, *, num_queries: int, max_batch: int = 8, dtype
         raise ValueError(f"TensorRT runs on CUDA devices, got {device}")
     options = options or BuildOptions(precision=precision_for(dtype), cuda_graph=cuda_graph)
     root = Path(cache_dir) if cache_dir is not None else cache.default_cache_dir()
-    exp = unet_exportable(decoder, num_queries=num_queries, max_batch=max_batch)
     art = ensure_onnx(exp, cache_dir=root)
     check_build_options(options, compute_capability=torch.cuda.get_device_capability(device),
                         qdq_nodes=count_qdq_nodes(art.path) if (options.fp8 or options.int8) else 0)
     parts = tensorrt_cache_parts(art.key, exp.contract, options, trt_version=trt.__version__,
                                  gpu=gpu_identity(device))
-    folder = cache.entry_dir(root, "unet-trt", cache.key_of(parts))
+    folder = cache.entry_dir(root, kind, cache.key_of(parts))
     if not cache.entry_ready(folder, ENGINE_FILE):
         cache.build_entry(folder, parts, lambda tmp: build_engine(art.path, exp.contract, options, tmp / ENGINE_FILE))
-    return TensorRTUNetRunner(TensorRTEngine(folder / ENGINE_FILE, exp.contract, device=device,
-                                             cuda_graph=options.cuda_graph or cuda_graph))
+    return TensorRTEngine(folder / ENGINE_FILE, exp.contract, device=device,
+                          cuda_graph=options.cuda_graph or cuda_graph)
+
+
+def tensorrt_unet_runner(decoder, *, num_queries: int, max_batch: int = 8, dtype: torch.dtype = torch.float16,
+                         device: str | torch.device = "cuda", cache_dir: str | Path | None = None,
+                         options: BuildOptions | None = None, cuda_graph: bool = False) -> TensorRTUNetRunner:
+    """Export the UNet step to ONNX (cached), build a TensorRT engine (cached), load it."""
+    exp = unet_exportable(decoder, num_queries=num_queries, max_batch=max_batch)
+    return TensorRTUNetRunner(_cached_engine(exp, kind="unet-trt", dtype=dtype, device=device, cache_dir=cache_dir,
+                                             options=options, cuda_graph=cuda_graph))
+
+
+class TensorRTVAEDecoderRunner:
+    """Unscaled latents [B, C, h, w] -> images [B, 3, H, W] in [-1, 1] on a TensorRT engine."""
+
+    backend = "tensorrt"
+
+    def __init__(self, engine: TensorRTEngine):
+        self.engine = engine
+        self.contract = engine.contract
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        dtype = self.contract.inputs[0].torch_dtype
+        most = self.contract.dims["batch"].max
+        parts = [self.engine.run({"latent": latents[lo:lo + most].to(dtype)})["image"]
+                 for lo in range(0, latents.shape[0], most)]
+        return torch.cat(parts).to(latents.dtype)
+
+
+def tensorrt_vae_decoder_runner(decoder, *, max_batch: int = 8, dtype: torch.dtype = torch.float16,
+                                device: str | torch.device = "cuda", cache_dir: str | Path | None = None,
+                                options: BuildOptions | None = None) -> TensorRTVAEDecoderRunner:
+    """The VAE decoder as a TensorRT engine (same ONNX export and cache as the UNet's)."""
+    exp = vae_decoder_exportable(decoder, max_batch=max_batch)
+    return TensorRTVAEDecoderRunner(_cached_engine(exp, kind="vae-trt", dtype=dtype, device=device,
+                                                   cache_dir=cache_dir, options=options, cuda_graph=False))
