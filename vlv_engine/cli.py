@@ -206,6 +206,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"vlv serve: the web stack is not installed ({err}); pip install -e '.[serve]'", file=sys.stderr)
         return EXIT_USAGE
     from vlv_engine.serve import ServeConfig, build_server
+    from vlv_engine.serve.server import run_server
 
     try:
         config = ServeConfig(max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
@@ -223,11 +224,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     print(f"vlv serve: http://{args.host}:{args.port} (POST /v1/caption, GET /healthz /readyz /metrics)",
           file=sys.stderr)
-    server.run()
+    run_server(server)  # returns after a graceful shutdown (SIGTERM / Ctrl-C)
     load_error = server.config.app.state.service.load_error
     if load_error is not None:
         print(f"vlv serve: the model failed to load: {load_error}", file=sys.stderr)
     return EXIT_OK if server.started and load_error is None else EXIT_FAILURES
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vlv_engine.bench import BenchOptions, run_bench
+
+    opts = BenchOptions(preset=args.preset, suites=tuple(args.suites), batch_sizes=tuple(args.batch_sizes),
+                        out=Path(args.out) if args.out else None, device=args.device, fast_dtype=args.fast_dtype,
+                        quantize=args.quantize, decode_schemes=tuple(args.decode_schemes),
+                        compile_decoder=not args.no_compile, encoder_backend=args.encoder_backend,
+                        new_tokens=args.new_tokens, num_beams=args.num_beams, repeats=args.repeats,
+                        latency_repeats=args.latency_repeats, threads=args.threads, memory_batch=args.memory_batch,
+                        time_limit_s=args.time_limit)
+    try:
+        result = run_bench(opts, log=lambda msg: print(f"vlv bench: {msg}", file=sys.stderr, flush=True))
+    except ValueError as err:
+        print(f"vlv bench: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    m = result.machine
+    print(f"machine: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), gpu: {m['gpu']}, "
+          f"torch {m['torch']}, transformers {m['transformers']}, torchao {m['torchao']}; "
+          f"copy bandwidth {m['memory_bandwidth_GBps']} GB/s; load average {m['load_average']}")
+    if result.setup:
+        print("setup: " + ", ".join(f"{k}={v}" for k, v in result.setup.items()))
+    print(result.table)
+    for suite, why in result.skipped.items():
+        print(f"skipped {suite}: {why}")
+    if result.json_path:
+        print(f"wrote {result.json_path}" + (f" and {result.plot_path}" if result.plot_path else ""))
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -341,6 +371,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse larger images from their header (413; 0: Pillow's limit only)")
     p.add_argument("--timeout-s", type=float, default=30.0, help="per-request timeout (504 beyond)")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("bench", help="benchmark the caption fast path against the reference pipeline")
+    p.add_argument("--preset", default="nano", choices=["nano", "small", "paper"],
+                   help="nano: the bundled model; small / paper: random weights at those dimensions (paper: GPU)")
+    p.add_argument("--suites", nargs="+", default=["encoder", "decode", "e2e"],
+                   choices=["encoder", "decode", "e2e", "memory", "unet", "preprocess"])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--out", help="folder for bench_PRESET.json and bench_PRESET.png")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--fast-dtype", choices=["float32", "bfloat16", "float16"],
+                   help="the fast path's dtype (default: float32 on a CPU, bfloat16 on CUDA)")
+    p.add_argument("--quantize", help="the fast path's LLM quantization scheme (vlv_engine.engine.quantize)")
+    p.add_argument("--decode-schemes", nargs="*", default=[],
+                   help="more decode-suite rows: 'none' (unquantized, fast dtype) or scheme names")
+    p.add_argument("--no-compile", action="store_true", help="eager decode step (no torch.compile)")
+    p.add_argument("--encoder-backend", default="auto", help="the fast path's encoder backend")
+    p.add_argument("--new-tokens", type=int, help="fixed caption length (EOS suppressed in both pipelines)")
+    p.add_argument("--num-beams", type=int, help="beams of the e2e suite (default: the preset's)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--latency-repeats", type=int, help="e2e batch-1 repeats for p50/p95 (default: --repeats)")
+    p.add_argument("--memory-batch", type=int, default=8)
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--time-limit", type=float, help="seconds; suites not started by then are skipped")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

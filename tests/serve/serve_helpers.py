@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import threading
@@ -142,3 +143,22 @@ def wait_ready(get, timeout: float = 30.0) -> None:
 
 def files(*named: tuple[str, bytes]) -> list:
     return [("images", (name, data, "application/octet-stream")) for name, data in named]
+
+
+@contextlib.contextmanager
+def live_server(engine, config):
+    """A real uvicorn server on a free loopback port, in a thread of this process.
+    Yields (server, base_url); leaving asks it to shut down as SIGTERM would."""
+    from vlv_engine.serve.server import bind_socket, build_server
+
+    sock = bind_socket("127.0.0.1", 0)
+    server = build_server(config, engine=engine, log_level="warning")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        yield server, base, thread
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

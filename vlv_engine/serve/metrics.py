@@ -28,6 +28,7 @@ class ServiceMetrics:
         self.queue_depth = Gauge("vlv_queue_depth", "images waiting for the model", registry=r)
         self.images = Counter("vlv_images_captioned", "images captioned", registry=r)
         self.failures = Counter("vlv_image_failures", "images not captioned, by reason", ["reason"], registry=r)
+        self.in_flight = Gauge("vlv_requests_in_flight", "HTTP requests being answered", registry=r)
         self.ready = Gauge("vlv_ready", "1 when the model is loaded and warmed", registry=r)
 
     def observe_batch(self, size: int, seconds: float) -> None:
@@ -58,8 +59,10 @@ class MetricsMiddleware:
                 status["code"] = message["status"]
             await send(message)
 
+        self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            self.metrics.in_flight.dec()
             self.metrics.latency.labels(path).observe(time.perf_counter() - started)
             self.metrics.requests.labels(path, str(status["code"])).inc()

@@ -43,3 +43,19 @@ def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     sock.bind((host, port))
     sock.set_inheritable(True)
     return sock
+
+
+def run_server(server, sockets: list[socket.socket] | None = None) -> None:
+    """Run until SIGTERM / SIGINT, then shut down gracefully and return.
+
+    uvicorn re-raises the signal it caught once it has shut down, so that the process
+    dies of it; a handler that ignores it makes a finished graceful shutdown a normal
+    return (exit status 0) instead."""
+    import signal
+
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run(sockets=sockets)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,23 @@
+"""`vlv serve`: its flags reach the service settings; bad settings are usage errors."""
+
+from __future__ import annotations
+
+from vlv_engine import cli
+
+
+def test_serve_flags_parse():
+    args = cli.build_parser().parse_args(
+        ["serve", "--model", "m", "--host", "0.0.0.0", "--port", "9000", "--max-batch-size", "32",
+         "--max-delay-ms", "7.5", "--max-body-mb", "4", "--max-pixels", "1000000", "--timeout-s", "5",
+         "--device", "cpu", "--dtype", "bf16", "--max-images", "8", "--max-queue", "64"])
+    assert (args.model, args.host, args.port, args.max_batch_size, args.max_delay_ms, args.max_body_mb,
+            args.max_pixels, args.timeout_s, args.dtype, args.max_images, args.max_queue) == \
+        ("m", "0.0.0.0", 9000, 32, 7.5, 4.0, 1_000_000, 5.0, "bf16", 8, 64)
+    assert args.func is cli.cmd_serve
+
+
+def test_bad_settings_and_missing_model_are_usage_errors(tmp_path, capsys):
+    assert cli.main(["serve", "--max-queue", "2", "--max-images", "4"]) == cli.EXIT_USAGE
+    assert "max_queue (2) must be >= max_images (4)" in capsys.readouterr().err
+    assert cli.main(["serve", "--model", str(tmp_path / "nope")]) == cli.EXIT_USAGE
+    assert "not found" in capsys.readouterr().err
