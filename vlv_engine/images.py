@@ -216,6 +216,7 @@ def preprocess(
     std: Sequence[float],
     *,
     dtype: torch.dtype | None = None,
+    native: bool | None = None,
 ) -> torch.Tensor:
     """Resize and normalise RGB images into a ``[B, 3, H, W]`` tensor.
 
@@ -227,6 +228,10 @@ def preprocess(
     module's signature, so the default is not ``torch.float32`` itself).
 
     Every step is per image, so row ``i`` is bit-identical whatever the batch.
+
+    ``native`` None (default) uses the native extension (``vlv_engine.native``) when
+    it is available, True requires it, False forces the Pillow path below.  Both
+    give the same tensor bit for bit (tests/native check it).
     """
     import torch
 
@@ -240,12 +245,22 @@ def preprocess(
     if not np.all(std_arr != 0):
         raise ValueError(f"std must be non-zero, got {std!r}")
 
-    out = torch.empty((len(images), 3, height, width), dtype=torch.float32)
     for i, im in enumerate(images):
         if not isinstance(im, Image.Image) or im.mode != "RGB":
             raise ValueError(
                 f"preprocess takes RGB PIL images (use load_image first); item {i} is {describe(im)}"
             )
+    if native is not False:
+        from vlv_engine import native as native_ops
+
+        if native_ops.available():
+            arrays = [np.asarray(im) for im in images]  # [H, W, 3] uint8 each
+            return native_ops.preprocess_batch(arrays, (height, width), mean_arr, std_arr, dtype)
+        if native:
+            raise RuntimeError("the native extension is not available (see the log for why)")
+
+    out = torch.empty((len(images), 3, height, width), dtype=torch.float32)
+    for i, im in enumerate(images):
         # PIL bicubic on uint8 is the reference resize: the rest of the project
         # (later a native extension) is checked against exactly this call, so
         # keep the filter, the uint8 input and reducing_gap=None (no
