@@ -212,6 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = ServeConfig(max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
                              max_queue=args.max_queue, max_body_mb=args.max_body_mb, max_images=args.max_images,
                              max_pixels=args.max_pixels or None, timeout_s=args.timeout_s,
+                             torch_threads=_serve_threads(args),
                              model_name=Path(args.model).name if args.model else "default")
     except ValueError as err:
         print(f"vlv serve: {err}", file=sys.stderr)
@@ -258,6 +259,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if result.json_path:
         print(f"wrote {result.json_path}" + (f" and {result.plot_path}" if result.plot_path else ""))
     return EXIT_OK
+
+
+def _serve_threads(args: argparse.Namespace) -> int | None:
+    # The event loop and image decoding need a core beside the model (see ServeConfig);
+    # an explicit --threads or OMP_NUM_THREADS wins.
+    if args.threads is not None:
+        return args.threads
+    if args.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        return max(1, (os.cpu_count() or 1) - 1)
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -370,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=64 * 2**20,
                    help="refuse larger images from their header (413; 0: Pillow's limit only)")
     p.add_argument("--timeout-s", type=float, default=30.0, help="per-request timeout (504 beyond)")
+    p.add_argument("--threads", type=int, help="torch threads of the model (default on a CPU: cores - 1, "
+                                               "leaving one for HTTP and decoding; OMP_NUM_THREADS wins)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("bench", help="benchmark the caption fast path against the reference pipeline")
     p.add_argument("--preset", default="nano", choices=["nano", "small", "paper"],

@@ -252,3 +252,16 @@ def test_settings_are_checked():
         ServeConfig(max_queue=2, max_images=4)
     with pytest.raises(ValueError, match="timeout_s"):
         ServeConfig(timeout_s=0)
+    with pytest.raises(ValueError, match="torch_threads"):
+        ServeConfig(torch_threads=0)
+
+
+def test_torch_threads_setting_reaches_the_model_thread(engine):
+    import torch
+
+    assert torch.get_num_threads() == 1  # this directory's fixture
+    app = create_app(engine, config=ServeConfig(torch_threads=2))
+    with TestClient(app) as c:
+        wait_ready(c.get)
+        in_worker = c.portal.call(app.state.service.batcher.run_in_worker, torch.get_num_threads)
+    assert in_worker == 2

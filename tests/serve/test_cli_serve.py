@@ -21,3 +21,16 @@ def test_bad_settings_and_missing_model_are_usage_errors(tmp_path, capsys):
     assert "max_queue (2) must be >= max_images (4)" in capsys.readouterr().err
     assert cli.main(["serve", "--model", str(tmp_path / "nope")]) == cli.EXIT_USAGE
     assert "not found" in capsys.readouterr().err
+
+
+def test_model_threads_default_leaves_a_core_for_http(monkeypatch):
+    parse = cli.build_parser().parse_args
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 8)
+    assert cli._serve_threads(parse(["serve"])) == 7
+    assert cli._serve_threads(parse(["serve", "--threads", "3"])) == 3
+    assert cli._serve_threads(parse(["serve", "--device", "cuda"])) is None
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 1)
+    assert cli._serve_threads(parse(["serve"])) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cli._serve_threads(parse(["serve"])) is None  # the environment's setting stands

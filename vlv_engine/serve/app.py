@@ -54,6 +54,12 @@ class ServiceState:
     loader: asyncio.Task | None = field(default=None, repr=False)
 
 
+def _set_torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def create_app(engine: Any = None, *, engine_factory: Callable[[], Any] | None = None,
                config: ServeConfig | None = None, on_load_error: Callable[[str], None] | None = None) -> FastAPI:
     """An app serving `engine`, or the engine `engine_factory()` builds (in a thread,
@@ -74,6 +80,8 @@ def create_app(engine: Any = None, *, engine_factory: Callable[[], Any] | None =
                                      on_queue_depth=state.metrics.queue_depth.set)
             await batcher.start()
             state.captioner, state.batcher = captioner, batcher
+            if config.torch_threads is not None:
+                await batcher.run_in_worker(lambda: _set_torch_threads(config.torch_threads))
             await batcher.run_in_worker(captioner.warm_up)
             state.ready = True
             state.metrics.ready.set(1)

@@ -19,6 +19,11 @@ class ServeConfig:
     max_num_beams: int = 8
     max_new_tokens_limit: int = 512
     model_name: str = "default"
+    # torch intra-op threads of the model (None: leave torch's setting). On a CPU the event
+    # loop and image decoding need a core too, and an OpenMP team with a descheduled
+    # thread stalls every op: a busy 2-core machine ran the nano model 10-30x slower with
+    # 2 threads than with 1.
+    torch_threads: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -37,6 +42,8 @@ class ServeConfig:
             problems.append(f"max_pixels must be > 0 or None, got {self.max_pixels}")
         if self.timeout_s <= 0:
             problems.append(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            problems.append(f"torch_threads must be >= 1 or None, got {self.torch_threads}")
         if self.max_num_beams < 1 or self.max_new_tokens_limit < 1:
             problems.append("max_num_beams and max_new_tokens_limit must be >= 1")
         if problems:
