@@ -61,11 +61,12 @@ class CompiledEncoderPath:
     backend = "compile"
 
     def __init__(self, model: nn.Module, *, max_batch: int = 8, batching: str = "buckets", mode: str | None = None,
-                 options: dict | None = None):
+                 options: dict | None = None, backend: str | Callable = "inductor"):
+        # backend: torch.compile's; tests pass a counting one to see the recompiles.
         if batching not in BATCHING:
             raise ValueError(f"unknown batching {batching!r}; choose one of {BATCHING}")
         self.module = CaptionEmbedding(model).eval()
-        self.batching, self.mode, self.options = batching, mode, options
+        self.batching, self.mode, self.options, self.compiler = batching, mode, options, backend
         self.buckets = power_of_two_buckets(max_batch)
         self._compiled: Callable[[Tensor], Tensor] | None = None
 
@@ -74,7 +75,7 @@ class CompiledEncoderPath:
         if self._compiled is None:  # torch.compile is itself lazy: the work happens on the first call
             # buckets: static shapes (dynamic=False); dynamic: the batch dim is marked per call.
             self._compiled = torch.compile(self.module, dynamic=False if self.batching == "buckets" else None,
-                                           mode=self.mode, options=self.options)
+                                           backend=self.compiler, mode=self.mode, options=self.options)
         return self._compiled
 
     @torch.no_grad()
