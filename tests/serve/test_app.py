@@ -73,6 +73,10 @@ def test_bad_options_are_422_naming_the_option(client, options, needle):
 def test_bad_form_option_is_422(client):
     r = client.post("/v1/caption", files=files(("a.png", png())), data={"num_beams": "many"})
     assert r.status_code == 422 and "'num_beams'" in r.json()["error"]
+    r = client.post("/v1/caption", files=files(("a.png", png())), data={"options": "{not json"})
+    assert r.status_code == 400 and r.json()["reason"] == "invalid_json"
+    r = client.post("/v1/caption", files=files(("a.png", png())), data={"options": "[1, 2]"})
+    assert r.status_code == 422 and "JSON object" in r.json()["error"]
 
 
 @pytest.mark.parametrize("kwargs, status, reason", [
@@ -263,5 +267,7 @@ def test_torch_threads_setting_reaches_the_model_thread(engine):
     app = create_app(engine, config=ServeConfig(torch_threads=2))
     with TestClient(app) as c:
         wait_ready(c.get)
-        in_worker = c.portal.call(app.state.service.batcher.run_in_worker, torch.get_num_threads)
+        batcher = app.state.service.batcher
+        in_worker = c.portal.call(batcher.run_in_worker, torch.get_num_threads)
+        c.portal.call(batcher.run_in_worker, lambda: torch.set_num_threads(1))  # the module's setting again
     assert in_worker == 2

@@ -13,6 +13,7 @@ malformed body or option refuses the request.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -118,26 +119,32 @@ async def _read_multipart(request: Request, config: ServeConfig):
         raise ServiceError(400, "invalid_multipart", f"malformed multipart body: {exc.detail}") from None
     uploads: list[Upload] = []
     raw: dict[str, Any] = {}
-    for field, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            name = value.filename or field
-            uploads.append(Upload(name, await value.read()))
-        elif field == "options":
-            try:
-                options = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ServiceError(400, "invalid_json", f"the 'options' field is not JSON ({exc})") from None
-            if not isinstance(options, dict):
-                raise ServiceError(422, "invalid_option", "the 'options' field must be a JSON object")
-            raw.update(options)
-        else:
-            raw[field] = value
-    await form.close()
+    try:
+        for field, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                uploads.append(Upload(value.filename or field, await value.read()))
+            elif field == "options":
+                try:
+                    options = json.loads(value)
+                except json.JSONDecodeError as exc:
+                    raise ServiceError(400, "invalid_json", f"the 'options' field is not JSON ({exc})") from None
+                if not isinstance(options, dict):
+                    raise ServiceError(422, "invalid_option", "the 'options' field must be a JSON object")
+                raw.update(options)
+            else:
+                raw[field] = value
+    finally:
+        await form.close()  # spooled upload files
     return uploads, raw, True
 
 
 async def _read_json(request: Request):
     body = await request.body()
+    # Parsing and base64-decoding up to max_body bytes would stall the event loop.
+    return await asyncio.to_thread(_parse_json, body)
+
+
+def _parse_json(body: bytes):
     try:
         doc = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
