@@ -1,4 +1,4 @@
-"""The `vlv` command line: caption | reconstruct | eval | train | convert | serve.
+"""The `vlv` command line: caption | reconstruct | eval | train | convert | serve | bench.
 
 Each subcommand is a thin layer over the Python API (`vlv_engine.Engine`).
 """

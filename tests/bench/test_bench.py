@@ -1,0 +1,150 @@
+"""`vlv bench` (vlv_engine.bench): reports, timers, memory probes, pipelines, the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from vlv_engine.bench.measure import PeakMemory, Timing, current_rss, time_calls
+from vlv_engine.bench.report import Row, format_table, plot_throughput, write_json
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_row_ratio_is_the_fast_paths_advantage():
+    assert Row("e2e", "captions/s", "cap/s", 8, fast=30.0, reference=10.0).ratio == pytest.approx(3.0)
+    assert Row("e2e", "latency", "s", 1, fast=0.5, reference=1.5, better="lower").ratio == pytest.approx(3.0)
+    assert Row("decode", "x", "ms", 1, fast=1.0, reference=None).ratio is None
+
+
+def test_table_json_plot(tmp_path):
+    rows = [Row("decode", "tokens/s", "tok/s", b, fast=10.0 * b, reference=4.0 * b, extra={"path": "fast"})
+            for b in (1, 8)]
+    rows.append(Row("e2e", "latency p50", "s", 1, fast=0.2, reference=0.5, better="lower"))
+    table = format_table(rows)
+    assert "| decode | tokens/s (tok/s) | 8 | 80.0 | 32.0 | 2.50x | path=fast |" in table
+    assert "| e2e | latency p50 (s) | 1 | 0.2 | 0.5 | 2.50x |" in table
+    path = write_json(tmp_path / "b.json", machine={"cpu": "x"}, options={}, rows=rows, skipped={"unet": "why"},
+                      setup={})
+    data = json.loads(path.read_text())
+    assert data["results"][1]["ratio"] == pytest.approx(2.5) and data["skipped"] == {"unet": "why"}
+    png = plot_throughput(tmp_path / "b.png", rows, "t")
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_timing_percentiles():
+    t = Timing([float(i) for i in range(1, 101)])
+    assert t.median == 50.5 and t.best == 1.0
+    assert t.percentile(95) == 95.0 and t.percentile(50) == 50.0 and t.percentile(100) == 100.0
+    calls = []
+    timing = time_calls(lambda: calls.append(1), repeats=3, warmup=2)
+    assert len(calls) == 5 and len(timing.seconds) == 3
+
+
+def test_peak_memory_sees_a_temporary_allocation():
+    before = current_rss()
+    assert before > 0
+    with PeakMemory(torch.device("cpu"), interval=0.001) as mem:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        x += 1
+        import time
+
+        time.sleep(0.05)
+        del x
+    assert mem.peak_rss - before > 48 * 2**20
+
+
+def test_memory_bandwidth_is_measured():
+    from vlv_engine.bench.machine import machine_info, memory_bandwidth
+
+    bw = memory_bandwidth("cpu", nbytes=16 * 2**20, repeats=2)
+    assert 1e8 < bw < 1e13
+    info = machine_info("cpu")
+    assert info["cores"] >= 1 and info["torch"] == torch.__version__ and info["gpu"] is None
+
+
+def test_token_match():
+    from vlv_engine.bench.pipelines import token_match
+
+    a = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert token_match(a, a) == 1.0
+    b = a.clone()
+    b[0, 0] = 9
+    assert token_match(a, b) == pytest.approx(7 / 8)
+    assert token_match(a, a[:, :2]) == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+    from vlv_engine.bench.pipelines import build_setup
+
+    return build_setup("tiny", compile_decoder=False, encoder_backend="eager")
+
+
+def test_pipelines_fixed_length_and_exact_fp32(tiny_setup):
+    from vlv_engine.bench.pipelines import caption_tokens, random_pixels
+
+    s = tiny_setup
+    pixels = random_pixels(s.reference, 3)
+    gen = s.generation()
+    fast = caption_tokens(s.fast, s.fast_decoder, pixels, gen, s.never_eos)
+    ref = caption_tokens(s.reference, s.reference_decoder, pixels, gen, s.never_eos)
+    assert fast.shape == ref.shape == (3, s.new_tokens)  # EOS suppressed in both: a fixed length
+    assert torch.equal(fast, ref)  # unquantized fp32 fast path: the reference's tokens
+
+
+def test_suites_on_tiny(tiny_setup):
+    from vlv_engine.bench.decode import run_decode
+    from vlv_engine.bench.e2e import run_e2e
+    from vlv_engine.bench.encoder import run_encoder
+
+    rows = run_decode(tiny_setup, [1, 2], repeats=1, bandwidth=1e10, schemes=["int8_dynamic"], compile=False)
+    paths = {r.extra["path"] for r in rows if r.metric == "ms/token"}
+    assert len(paths) == 2 and any(p.startswith("int8_dynamic") for p in paths)
+    for r in rows:
+        assert r.fast > 0 and r.reference > 0 and r.ratio > 0
+    fast_rows = [r for r in rows if r.metric == "ms/token" and r.extra["path"].startswith("fast")]
+    assert all(r.extra["token_match"] == 1.0 for r in fast_rows)
+    rows = run_encoder(tiny_setup, [1, 2], repeats=1)
+    assert [r.metric for r in rows] == ["latency p50", "throughput", "throughput"]
+    assert float(rows[0].extra["rel_err"]) < 1e-5
+    rows = run_e2e(tiny_setup, [1, 2], repeats=2)
+    assert {r.metric for r in rows} == {"captions/s", "latency p50", "latency p95"}
+    assert all(r.extra["token_match"] == 1.0 for r in rows if r.metric == "captions/s")
+
+
+def test_cli_bench_nano_decode(tmp_path, capsys):
+    from vlv_engine.cli import main
+
+    rc = main(["bench", "--preset", "nano", "--suites", "decode", "preprocess", "--batch-sizes", "1", "--repeats",
+               "1", "--new-tokens", "4", "--no-compile", "--threads", "1", "--out", str(tmp_path),
+               "--decode-schemes", "int8_dynamic"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "machine:" in out and "copy bandwidth" in out and "| decode | tokens/s (tok/s) | 1 |" in out
+    data = json.loads((tmp_path / "bench_nano.json").read_text())
+    assert data["machine"]["memory_bandwidth_GBps"] > 0 and data["setup"]["new_tokens"] == 4
+    assert {r["extra"].get("path", "").split(" ")[0] for r in data["results"]} >= {"fast", "int8_dynamic"}
+    assert "preprocess" in data["results"][-1]["suite"] or "preprocess" in data["skipped"]
+
+
+def test_cli_bench_bad_input(capsys):
+    from vlv_engine.cli import main
+
+    assert main(["bench", "--preset", "nano", "--batch-sizes", "0"]) == 2
+    assert "batch sizes must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--suites", "nope"])
+
+
+def test_paper_preset_needs_a_gpu():
+    from vlv_engine.bench.pipelines import build_setup
+
+    with pytest.raises(ValueError, match="GPU only"):
+        build_setup("paper", device="cpu")

@@ -1,0 +1,82 @@
+"""Decode suite: ms per new token and tokens/s of the LLM decode loop, greedy, against
+HF `generate` in fp32, with the % of the memory-bandwidth bound.
+
+A step's time is (t(n2 tokens) - t(n1 tokens)) / (n2 - n1) for one call decoding a
+fixed number of tokens (EOS never emitted), so the prefill and per-call setup cancel.
+The bound: a step reads every weight once (`decode_weight_bytes`), so it cannot take less
+than weight bytes / the bandwidth of a large copy measured on the same machine.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from vlv_engine.bench.measure import time_calls
+from vlv_engine.bench.pipelines import BenchSetup, token_match
+from vlv_engine.bench.report import Row
+from vlv_engine.config import GenerationConfig
+from vlv_engine.engine.decode import StaticDecoder
+from vlv_engine.engine.quantize import decode_weight_bytes, quantize_llm
+
+
+def variant_decoders(setup: BenchSetup, schemes: list[str], dtype: torch.dtype, compile: bool) -> dict:
+    """label -> decoder: the fast path's own, plus one per extra scheme ("none": unquantized
+    in `dtype`), each a copy of the reference LLM."""
+    out = {f"fast ({setup.notes['quantize']}, {setup.notes['fast_dtype']})": setup.fast_decoder}
+    for scheme in schemes:
+        if scheme == setup.notes["quantize"]:
+            continue
+        llm = copy.deepcopy(setup.reference.model.caption_decoder.llm).to(dtype=dtype)
+        if scheme != "none":
+            quantize_llm(llm, scheme, device=setup.device)
+        out[f"{scheme} ({str(llm.dtype).replace('torch.', '')})"] = StaticDecoder(llm, compile=compile)
+    return out
+
+
+def _step_seconds(decoder, prefix: torch.Tensor, n1: int, n2: int, eos: int, repeats: int,
+                  device: torch.device) -> tuple[float, torch.Tensor]:
+    outs = {}
+
+    def run(n: int):
+        gen = GenerationConfig(max_new_tokens=n, num_beams=1)
+
+        def call():
+            outs[n] = decoder.generate(prefix, gen, eos_token_id=eos, pad_token_id=0)
+        return time_calls(call, repeats=repeats, warmup=0, device=device).best
+
+    run(n1)  # warm-up: compiles, cache allocation
+    t2, t1 = run(n2), run(n1)
+    assert outs[n2].shape[1] == n2, "EOS was emitted: the caption length is not fixed"
+    return max(t2 - t1, 1e-9) / (n2 - n1), outs[n2]
+
+
+def run_decode(setup: BenchSetup, batches: list[int], *, repeats: int, bandwidth: float,
+               schemes: list[str] | None = None, dtype: torch.dtype | None = None, compile: bool = True) -> list[Row]:
+    ref_llm = setup.reference.model.caption_decoder.llm
+    hidden = ref_llm.config.get_text_config(decoder=True).hidden_size
+    nq = setup.reference.config.encoder.num_queries
+    n1 = 2
+    n2 = n1 + min(setup.new_tokens, 32)
+    decoders = variant_decoders(setup, schemes or [], dtype or ref_llm.dtype, compile)
+    ref_bytes = decode_weight_bytes(ref_llm)
+    rows: list[Row] = []
+    for batch in batches:
+        g = torch.Generator().manual_seed(batch)
+        prefix = (torch.randn(batch, nq, hidden, generator=g) * 3).to(setup.device)  # [B, Nq, H]
+        ref_s, ref_ids = _step_seconds(setup.reference_decoder, prefix, n1, n2, setup.never_eos,
+                                       repeats, setup.device)
+        for label, decoder in decoders.items():
+            fast_s, ids = _step_seconds(decoder, prefix.to(decoder.llm.dtype), n1, n2, setup.never_eos,
+                                        repeats, setup.device)
+            weight_bytes = decode_weight_bytes(decoder.llm)
+            bound_s = weight_bytes / bandwidth
+            extra = {"path": label, "weights_MB": round(weight_bytes / 1e6, 1),
+                     "bw_bound_pct": round(100 * bound_s / fast_s, 1),
+                     "ref_bw_bound_pct": round(100 * (ref_bytes / bandwidth) / ref_s, 1),
+                     "token_match": round(token_match(ids, ref_ids), 3)}
+            rows.append(Row("decode", "ms/token", "ms", batch, fast_s * 1e3, ref_s * 1e3, "lower", extra))
+            rows.append(Row("decode", "tokens/s", "tok/s", batch, batch / fast_s, batch / ref_s, "higher",
+                            {"path": label}))
+    return rows

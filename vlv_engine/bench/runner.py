@@ -1,0 +1,165 @@
+"""Run the chosen suites for a preset and write the report (table, JSON, PNG)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from vlv_engine.bench.machine import machine_info, memory_bandwidth
+from vlv_engine.bench.report import Row, format_table, plot_throughput, write_json
+
+SUITES = ("encoder", "decode", "e2e", "memory", "unet", "preprocess")
+
+
+@dataclass
+class BenchOptions:
+    preset: str = "nano"
+    suites: tuple[str, ...] = ("encoder", "decode", "e2e")
+    batch_sizes: tuple[int, ...] = (1, 8)
+    out: Path | None = None
+    device: str = "cpu"
+    fast_dtype: str | None = None  # default: float32 on a CPU, bfloat16 on CUDA
+    quantize: str | None = None  # the fast path's LLM scheme
+    decode_schemes: tuple[str, ...] = ()  # more decode rows: "none" (unquantized in the fast dtype) or schemes
+    compile_decoder: bool = True
+    encoder_backend: str = "auto"
+    new_tokens: int | None = None
+    num_beams: int | None = None
+    repeats: int = 3
+    latency_repeats: int | None = None
+    threads: int | None = None
+    memory_batch: int = 8
+    time_limit_s: float | None = None  # stop starting new suites past this
+    seed: int = 0
+    extra_setup: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class BenchResult:
+    rows: list[Row]
+    skipped: dict[str, str]
+    machine: dict
+    setup: dict
+    table: str
+    json_path: Path | None
+    plot_path: Path | None
+
+
+def run_bench(opts: BenchOptions, log=lambda msg: None) -> BenchResult:
+    """Run `opts.suites`; `log` receives progress lines (the CLI prints them)."""
+    unknown = set(opts.suites) - set(SUITES)
+    if unknown:
+        raise ValueError(f"unknown suite(s) {sorted(unknown)}; choose from {SUITES}")
+    if not opts.batch_sizes or min(opts.batch_sizes) < 1:
+        raise ValueError(f"batch sizes must be positive integers, got {opts.batch_sizes}")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    device = torch.device(opts.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    start = time.perf_counter()
+    machine = machine_info(device)
+    bandwidth = memory_bandwidth(device)
+    machine["memory_bandwidth_GBps"] = round(bandwidth / 1e9, 2)
+    log(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} threads, "
+        f"gpu {machine['gpu']}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    rows: list[Row] = []
+    skipped: dict[str, str] = {}
+    setup_info: dict = {}
+    batches = sorted(set(opts.batch_sizes))
+    fast_dtype = getattr(torch, opts.fast_dtype) if opts.fast_dtype else None
+    setup = None
+
+    def over_time() -> bool:
+        return opts.time_limit_s is not None and time.perf_counter() - start > opts.time_limit_s
+
+    needs_setup = {"encoder", "decode", "e2e"} & set(opts.suites)
+    if needs_setup:
+        from vlv_engine.bench.pipelines import build_setup
+
+        log(f"building the {opts.preset} pipelines (fast and reference)...")
+        setup = build_setup(opts.preset, device=device, fast_dtype=fast_dtype, quantize=opts.quantize,
+                            compile_decoder=opts.compile_decoder, new_tokens=opts.new_tokens,
+                            num_beams=opts.num_beams, encoder_backend=opts.encoder_backend, seed=opts.seed)
+        setup_info = setup.describe()
+    for suite in opts.suites:
+        if over_time():
+            skipped[suite] = f"time limit of {opts.time_limit_s:.0f} s reached"
+            log(f"{suite}: skipped ({skipped[suite]})")
+            continue
+        t = time.perf_counter()
+        log(f"{suite}: running...")
+        try:
+            new = _run_suite(suite, opts, setup, device, batches, bandwidth, fast_dtype)
+        except _Skip as why:
+            skipped[suite] = str(why)
+            log(f"{suite}: skipped ({why})")
+            continue
+        rows += new
+        log(f"{suite}: done in {time.perf_counter() - t:.0f} s")
+    table = format_table(rows)
+    json_path = plot_path = None
+    if opts.out is not None:
+        out = Path(opts.out)
+        json_path = write_json(out / f"bench_{opts.preset}.json", machine=machine, options=opts.to_dict(), rows=rows,
+                               skipped=skipped, setup=setup_info)
+        plot_path = plot_throughput(out / f"bench_{opts.preset}.png", rows, f"vlv bench --preset {opts.preset} "
+                                    f"({machine['gpu'] or machine['cpu']})")
+    return BenchResult(rows, skipped, machine, setup_info, table, json_path, plot_path)
+
+
+class _Skip(Exception):
+    pass
+
+
+def _run_suite(suite, opts, setup, device, batches, bandwidth, fast_dtype) -> list[Row]:
+    if suite == "encoder":
+        from vlv_engine.bench.encoder import run_encoder
+
+        return run_encoder(setup, batches, repeats=opts.repeats)
+    if suite == "decode":
+        from vlv_engine.bench.decode import run_decode
+
+        dtype = fast_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        return run_decode(setup, batches, repeats=opts.repeats, bandwidth=bandwidth,
+                          schemes=list(opts.decode_schemes), dtype=dtype, compile=opts.compile_decoder)
+    if suite == "e2e":
+        from vlv_engine.bench.e2e import run_e2e
+
+        return run_e2e(setup, batches, repeats=opts.repeats, latency_repeats=opts.latency_repeats)
+    if suite == "memory":
+        from vlv_engine.bench.memory import run_memory
+        from vlv_engine.bench.pipelines import PRESET_DEFAULTS
+
+        tokens, beams = PRESET_DEFAULTS[opts.preset]
+        dtype = fast_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        return run_memory(preset=opts.preset, device=device, batch=opts.memory_batch, dtype=dtype,
+                          quantize=opts.quantize, compile=opts.compile_decoder,
+                          new_tokens=opts.new_tokens or tokens, num_beams=opts.num_beams or beams)
+    if suite == "unet":
+        from vlv_engine.bench.pipelines import load_model
+        from vlv_engine.bench.unet import run_unet
+
+        if opts.preset != "nano":
+            raise _Skip(f"the {opts.preset} preset is built caption-only (no diffusion decoder)")
+        model, _ = load_model("nano", with_diffusion=True)
+        if model.diffusion is None:
+            raise _Skip("the bundled model has no diffusion decoder")
+        return run_unet(model, device=device, batches=[b for b in batches if b <= 8] or [1], repeats=opts.repeats)
+    if suite == "preprocess":
+        from vlv_engine.bench.preprocess import SuiteUnavailable, run_preprocess
+        from vlv_engine.config import preset as get_preset
+
+        config = setup.reference.config if setup is not None else get_preset(
+            "small" if opts.preset == "small" else "paper" if opts.preset == "paper" else "nano")
+        try:
+            return run_preprocess(config, batches=batches, repeats=opts.repeats)
+        except SuiteUnavailable as err:
+            raise _Skip(str(err)) from None
+    raise AssertionError(suite)
