@@ -131,6 +131,7 @@ def test_health_readiness_and_metrics(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json()["status"] == "ready"
     client.post("/v1/caption", files=files(("ok.png", png()), ("bad.png", b"junk")))
+    client.post("/v1/caption", files=files(("ok.png", png())), data={"num_beams": "0"})
     text = client.get("/metrics").text
     for name in ("vlv_requests_total", "vlv_request_latency_seconds_bucket", "vlv_batch_size_bucket",
                  "vlv_queue_depth", "vlv_images_captioned_total", "vlv_ready 1.0"):
@@ -138,6 +139,7 @@ def test_health_readiness_and_metrics(client):
     assert 'vlv_image_failures_total{reason="not_an_image"}' in text
     assert 'vlv_requests_total{path="/v1/caption",status="200"}' in text
     assert 'vlv_requests_total{path="/v1/caption",status="413"}' in text  # the body limit's own answers
+    assert 'vlv_request_errors_total{reason="invalid_option"}' in text
 
 
 def _metric(text: str, name: str) -> float:

@@ -111,6 +111,7 @@ def create_app(engine: Any = None, *, engine_factory: Callable[[], Any] | None =
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, err: ServiceError):
+        state.metrics.request_errors.labels(err.reason).inc()
         headers = {"Retry-After": "1"} if err.status == 503 else None
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 

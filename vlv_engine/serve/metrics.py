@@ -28,6 +28,8 @@ class ServiceMetrics:
         self.queue_depth = Gauge("vlv_queue_depth", "images waiting for the model", registry=r)
         self.images = Counter("vlv_images_captioned", "images captioned", registry=r)
         self.failures = Counter("vlv_image_failures", "images not captioned, by reason", ["reason"], registry=r)
+        self.request_errors = Counter("vlv_request_errors", "requests refused as a whole, by reason", ["reason"],
+                                      registry=r)
         self.in_flight = Gauge("vlv_requests_in_flight", "HTTP requests being answered", registry=r)
         self.ready = Gauge("vlv_ready", "1 when the model is loaded and warmed", registry=r)
 
