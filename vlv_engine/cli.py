@@ -91,13 +91,19 @@ def cmd_caption(args: argparse.Namespace) -> int:
         if not items:
             print("vlv caption: no input images found", file=sys.stderr)
             return EXIT_USAGE
+        on_failure = None if args.quiet else _report_failure
         if args.ray:
             _ray_engines(args, options)
             engine = _load_engine(args, load_diffusion=args.self_check, device="cpu")  # revisions, settings
+            summary = caption_dataset(engine, items, options, on_failure=on_failure)
         else:
-            engine = _load_engine(args, load_diffusion=args.self_check)
-            _share_cores_with_decoders(args.device, workers)
-        summary = caption_dataset(engine, items, options, on_failure=None if args.quiet else _report_failure)
+            from vlv_engine.batch.decode import DecodePool
+
+            # Decode workers start while the model loads.
+            with DecodePool(workers).start() as pool:
+                engine = _load_engine(args, load_diffusion=args.self_check)
+                _share_cores_with_decoders(args.device, workers)
+                summary = caption_dataset(engine, items, options, on_failure=on_failure, decode_pool=pool)
     except (InputSpecError, OutputError, ManifestError, UsageError) as err:
         print(f"vlv caption: {err}", file=sys.stderr)
         return EXIT_USAGE

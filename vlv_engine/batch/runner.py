@@ -55,12 +55,25 @@ Computed = dict[str, Result] | None
 
 
 def caption_dataset(engine: Any, inputs: Sequence[str] | Sequence[Item], options: JobOptions | None = None, *,
-                    on_failure: OnFailure | None = None, **overrides: Any) -> RunSummary:
+                    on_failure: OnFailure | None = None, decode_pool: DecodePool | None = None,
+                    **overrides: Any) -> RunSummary:
     """Caption every image the inputs name (specs as in ``inputs.py``, or ``Item``s)
     into ``options.out``; rerunning it finishes what is left.  Keyword arguments
     override fields of ``options``.  Raises ``UsageError`` (and ``InputSpecError``,
-    ``OutputError``, ``ManifestError``) before any work when the job cannot start."""
+    ``OutputError``, ``ManifestError``) before any work when the job cannot start.
+
+    ``decode_pool``: a ``DecodePool(options.workers)`` started before the engine was
+    loaded (``vlv caption`` does this), so worker start-up overlaps the load; the
+    caller closes it.  Without one, the job starts its own first thing."""
     options = _with_overrides(options or JobOptions(), overrides)
+    with contextlib.ExitStack() as stack:
+        if decode_pool is None and not options.ray:
+            decode_pool = stack.enter_context(DecodePool(options.workers)).start()
+        return _caption_dataset(engine, inputs, options, on_failure, decode_pool)
+
+
+def _caption_dataset(engine: Any, inputs: Sequence[str] | Sequence[Item], options: JobOptions,
+                     on_failure: OnFailure | None, decode_pool: DecodePool | None) -> RunSummary:
     if options.format not in FORMATS:
         raise UsageError(f"unknown output format {options.format!r}; choose from {', '.join(FORMATS)}")
     if options.batch_size < 1:
@@ -95,7 +108,8 @@ def caption_dataset(engine: Any, inputs: Sequence[str] | Sequence[Item], options
                 run = RayRun(engine, options, manifest, output, errors, revision, generation, on_failure,
                              self_check)
             else:
-                run = _Run(engine, options, manifest, output, errors, revision, generation, on_failure, self_check)
+                run = _Run(engine, options, manifest, output, errors, revision, generation, on_failure, self_check,
+                           decode_pool)
             summary = run.run(items)
     summary.seconds = time.perf_counter() - started
     summary.paths = paths
@@ -160,9 +174,10 @@ def _make_output(options: JobOptions, paths: JobPaths, binding: dict[str, str]) 
 class _Run:
     def __init__(self, engine: Any, options: JobOptions, manifest: Manifest, output: Output, errors: Output,
                  revision: Revision, generation: Any, on_failure: OnFailure | None,
-                 self_check: SelfCheck | None = None) -> None:
+                 self_check: SelfCheck | None = None, decode_pool: DecodePool | None = None) -> None:
         self.engine = engine
         self.options = options
+        self.decode_pool = decode_pool
         self.manifest = manifest
         self.output = output
         self.errors = errors
@@ -207,11 +222,15 @@ class _Run:
         """Each batch with its decoded items, in order; decode workers run ahead.  The
         model runs in ``_process`` (``Computed`` None); the Ray runner overrides this to
         return results its actors computed."""
-        size = self.engine.config.encoder.image_size
-        with DecodePool(self.options.workers, size=size, max_pixels=self.options.max_pixels,
-                        max_in_flight=self.options.max_in_flight) as pool:
-            for batch, decoded in zip(batches, pool.map(self._tasks(b) for b in batches)):
-                yield batch, decoded, None
+        pool = self.decode_pool
+        if pool.workers != self.options.workers:
+            raise UsageError(f"the decode pool has {pool.workers} workers; the job asks for {self.options.workers}")
+        pool.size = self.engine.config.encoder.image_size
+        pool.max_pixels = self.options.max_pixels
+        if self.options.max_in_flight:
+            pool.max_in_flight = self.options.max_in_flight
+        for batch, decoded in zip(batches, pool.map(self._tasks(b) for b in batches)):
+            yield batch, decoded, None
 
     def _tasks(self, batch: list[Planned]) -> list[DecodeTask]:
         # Decided once, here: the cache grows while this batch waits in the pool.
