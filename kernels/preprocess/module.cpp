@@ -28,7 +28,7 @@ std::vector<vlv::ImageView> views(const std::vector<InArray>& images) {
     const int64_t c = static_cast<int64_t>(a.shape(2));
     if (c != 1 && c != 3 && c != 4) throw nb::value_error((where + "needs 1, 3 or 4 channels").c_str());
     if (a.shape(0) == 0 || a.shape(1) == 0) throw nb::value_error((where + "empty image").c_str());
-    if (a.stride(2) != 1 || a.stride(1) != c || a.stride(0) < static_cast<int64_t>(a.shape(1)) * c)
+    if ((c > 1 && a.stride(2) != 1) || a.stride(1) != c || a.stride(0) < static_cast<int64_t>(a.shape(1)) * c)
       throw nb::value_error((where + "pixels must be contiguous within rows (np.ascontiguousarray)").c_str());
     out.push_back({a.data(), static_cast<int>(a.shape(0)), static_cast<int>(a.shape(1)), static_cast<int>(c),
                    static_cast<std::ptrdiff_t>(a.stride(0))});

@@ -91,7 +91,7 @@ def as_hwc(item: object, index: int) -> np.ndarray:
     if item.shape[0] == 0 or item.shape[1] == 0:
         raise fail(f"zero-size image: shape {tuple(item.shape)}")
     channels = item.shape[2]
-    if item.strides[2] != 1 or item.strides[1] != channels or item.strides[0] < item.shape[1] * channels:
+    if (channels > 1 and item.strides[2] != 1) or item.strides[1] != channels or item.strides[0] < item.shape[1] * channels:
         item = np.ascontiguousarray(item)  # e.g. a crop with a step, a CHW array transposed to HWC
     return item
 
@@ -122,13 +122,16 @@ def preprocess_batch(
     dtype: torch.dtype | None = None,
     *,
     num_threads: int | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Resize (Pillow bicubic, antialiased) and normalise uint8 HWC images into a
     ``[B, 3, H, W]`` tensor of ``dtype`` (float32, float16 or bfloat16; None: float32).
 
     ``size`` is an int (square) or ``(height, width)``.  ``num_threads`` defaults to
-    $VLV_NATIVE_THREADS or the CPUs this process may use.  Equal, bit for bit, to
-    ``preprocess_batch_reference``; falls back to it (with a logged notice) when
+    $VLV_NATIVE_THREADS or the CPUs this process may use.  ``device``: where the
+    result goes; on a CUDA device the CUDA kernels do the work when they were built
+    (VLV_NATIVE_CUDA=1), else the CPU result is copied there.  Equal, bit for bit,
+    to ``preprocess_batch_reference``; falls back to it (with a logged notice) when
     the extension is not available.
     """
     import torch
@@ -139,15 +142,24 @@ def preprocess_batch(
     _check_dtype(dtype)
     arrays = _arrays(images)
     threads = _threads(num_threads)
+    target = torch.device(device) if device is not None else torch.device("cpu")
     state = native()
     if state.module is None:
-        return _reference(arrays, (height, width), mean_arr, std_arr, dtype)
+        return _reference(arrays, (height, width), mean_arr, std_arr, dtype).to(target)
+    if target.type == "cuda":
+        from vlv_engine.native import cuda
+
+        if cuda.module() is not None:
+            lut = _lut(mean_arr, std_arr, dtype)
+            return cuda.preprocess_batch_cuda(arrays, (height, width), lut, state.order, target)
 
     out = torch.empty((len(arrays), 3, height, width), dtype=dtype)  # [B, 3, H, W]
+    if not arrays:
+        return out.to(target)
     bits = torch.int32 if out.element_size() == 4 else torch.int16  # raw bits: numpy has no bfloat16
     lut = _lut(mean_arr, std_arr, dtype).view(bits).numpy()
     state.module.resize_normalize(arrays, out.view(bits).numpy(), lut, state.order, threads)
-    return out
+    return out.to(target)
 
 
 def preprocess_batch_reference(
@@ -185,7 +197,7 @@ def resize_batch(images: Sequence[np.ndarray], size: int | tuple[int, int], *,
     arrays = _arrays(images)
     out = np.empty((len(arrays), height, width, 3), np.uint8)
     state = native()
-    if state.module is not None:
+    if state.module is not None and arrays:
         state.module.resize_u8(arrays, out, state.order, _threads(num_threads))
         return out
     from PIL import Image
