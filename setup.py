@@ -62,7 +62,11 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"CMake did not produce {source.name} (found: {found})")
         target = Path(self.get_ext_fullpath(ext.name))
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
+        # Copy then rename: processes that have the old module loaded keep its inode
+        # (overwriting a mapped shared library in place crashes them).
+        partial = target.with_name(target.name + ".partial")
+        shutil.copyfile(source, partial)
+        os.replace(partial, target)
 
     def _cmake_build(self) -> Path:
         if self._built is not None:
