@@ -4,11 +4,13 @@
 
 For each setting (``--max-batch-size N``, then ``--max-batch-size 1``) it starts a real
 server process (``python -m vlv_engine.cli serve``) on a free loopback port with a model
-of the ``nano`` preset's architecture and random weights (speed does not depend on the
-weights; random ones never stop early, so every caption runs to the nano preset's
-``max_new_tokens`` = 40 greedy tokens), waits for ``/readyz``, then runs ``--clients``
-concurrent clients, each posting one Shapes World scene (64 px PNG, multipart) at a
-time, for ``--seconds``. Reported per run: requests/s, p50/p95/p99 latency, errors,
+of the ``nano`` preset's architecture and random weights (seed 0: speed does not depend
+on the weights, only on caption length; these weights never emit the end token, so
+every caption is the nano preset's ``max_new_tokens`` = 40 greedy tokens), waits for
+``/readyz``, then runs ``--clients`` concurrent keep-alive connections, each posting one
+Shapes World scene (64 px PNG, multipart) at a time, for ``--seconds``. The client
+writes prebuilt requests on raw sockets: an HTTP library's per-request CPU would
+compete with the server for the same cores. Reported per run: requests/s, p50/p95/p99 latency, errors,
 the server's mean batch size (from /metrics) and its peak RSS; then the throughput
 ratio of dynamic batching over batch size 1. Both runs share this process's client,
 the same machine and whatever else runs on it (stated with the load average).
@@ -66,34 +68,50 @@ def metric_sum(text: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
-async def load(base: str, images: list[bytes], clients: int, seconds: float):
+def multipart_request(port: int, name: str, data: bytes) -> bytes:
+    """One complete HTTP/1.1 keep-alive POST /v1/caption of one image, built once."""
+    boundary = "vlvbenchboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"{name}\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST /v1/caption HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+async def load(port: int, images: list[bytes], clients: int, seconds: float):
+    """`clients` keep-alive connections, each posting one image at a time. A raw-socket
+    client: an HTTP library's per-request CPU would compete with the server for the
+    same cores and measure itself."""
+    requests = [multipart_request(port, f"{i}.png", d) for i, d in enumerate(images)]
     latencies: list[float] = []
     errors: list[str] = []
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
-    async def client(k: int, http: httpx.AsyncClient, stop: float) -> None:
+    async def client(k: int, stop: float) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         i = k
-        while time.monotonic() < stop:
-            t0 = time.perf_counter()
-            try:
-                r = await http.post("/v1/caption", files=[("images", (f"{i}.png", images[i % len(images)],
-                                                                       "image/png"))])
-                ok = r.status_code == 200 and "caption" in r.json()["results"][0]
-                if not ok:
-                    errors.append(f"{r.status_code} {r.text[:120]}")
-            except httpx.HTTPError as exc:
-                errors.append(f"{type(exc).__name__}: {exc}")
-            else:
-                if ok:
+        try:
+            while time.monotonic() < stop:
+                t0 = time.perf_counter()
+                writer.write(requests[i % len(requests)])
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head.split(b" ", 2)[1])
+                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                body = await reader.readexactly(length)
+                if status == 200 and "caption" in json.loads(body)["results"][0]:
                     latencies.append(time.perf_counter() - t0)
-            i += 1
+                else:
+                    errors.append(f"{status} {body[:120]!r}")
+                i += 1
+        except (OSError, asyncio.IncompleteReadError, ValueError, StopIteration) as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            writer.close()
 
-    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as http:
-        t0 = time.perf_counter()
-        stop = time.monotonic() + seconds
-        await asyncio.gather(*(client(k, http, stop) for k in range(clients)))
-        wall = time.perf_counter() - t0
-    return latencies, errors, wall
+    t0 = time.perf_counter()
+    stop = time.monotonic() + seconds
+    await asyncio.gather(*(client(k, stop) for k in range(clients)))
+    return latencies, errors, time.perf_counter() - t0
 
 
 def run_one(model: Path, max_batch_size: int, args, images: list[bytes]) -> dict:
@@ -115,7 +133,7 @@ def run_one(model: Path, max_batch_size: int, args, images: list[bytes]) -> dict
                 raise RuntimeError(f"server did not become ready: {server.stderr.read()}")
             time.sleep(0.1)
         load_before = os.getloadavg()[0]
-        latencies, errors, wall = asyncio.run(load(base, images, args.clients, args.seconds))
+        latencies, errors, wall = asyncio.run(load(port, images, args.clients, args.seconds))
         metrics = httpx.get(base + "/metrics").text
         rss = peak_rss_mib(server.pid)
     finally:
