@@ -48,6 +48,14 @@ class CMakeBuild(build_ext):
 
     def run(self) -> None:
         self._built: Path | None = None
+        # Editable installs copy the module into the source tree, overwriting the
+        # file in place, which crashes processes that have it loaded: unlink it first
+        # (they keep the old inode).
+        suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+        for ext in self.extensions:
+            if isinstance(ext, CMakeExtension):
+                ROOT.joinpath(*ext.name.split(".")).with_name(ext.name.rsplit(".", 1)[-1] + suffix).unlink(
+                    missing_ok=True)
         super().run()
 
     def build_extension(self, ext: Extension) -> None:
