@@ -85,6 +85,7 @@ async def load(port: int, images: list[bytes], clients: int, seconds: float):
     requests = [multipart_request(port, f"{i}.png", d) for i, d in enumerate(images)]
     latencies: list[float] = []
     errors: list[str] = []
+    words: set[int] = set()  # caption lengths seen
 
     async def client(k: int, stop: float) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -98,8 +99,10 @@ async def load(port: int, images: list[bytes], clients: int, seconds: float):
                 length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
                               if line.lower().startswith(b"content-length:"))
                 body = await reader.readexactly(length)
-                if status == 200 and "caption" in json.loads(body)["results"][0]:
+                result = json.loads(body)["results"][0] if status == 200 else {}
+                if "caption" in result:
                     latencies.append(time.perf_counter() - t0)
+                    words.add(len(result["caption"].split()))
                 else:
                     errors.append(f"{status} {body[:120]!r}")
                 i += 1
@@ -111,7 +114,7 @@ async def load(port: int, images: list[bytes], clients: int, seconds: float):
     t0 = time.perf_counter()
     stop = time.monotonic() + seconds
     await asyncio.gather(*(client(k, stop) for k in range(clients)))
-    return latencies, errors, time.perf_counter() - t0
+    return latencies, errors, time.perf_counter() - t0, words
 
 
 def run_one(model: Path, max_batch_size: int, args, images: list[bytes]) -> dict:
@@ -133,7 +136,7 @@ def run_one(model: Path, max_batch_size: int, args, images: list[bytes]) -> dict
                 raise RuntimeError(f"server did not become ready: {server.stderr.read()}")
             time.sleep(0.1)
         load_before = os.getloadavg()[0]
-        latencies, errors, wall = asyncio.run(load(port, images, args.clients, args.seconds))
+        latencies, errors, wall, words = asyncio.run(load(port, images, args.clients, args.seconds))
         metrics = httpx.get(base + "/metrics").text
         rss = peak_rss_mib(server.pid)
     finally:
@@ -149,7 +152,7 @@ def run_one(model: Path, max_batch_size: int, args, images: list[bytes]) -> dict
 
     batches = metric_sum(metrics, "vlv_batch_size_count")
     return {"max_batch_size": max_batch_size, "requests": len(lat), "errors": len(errors),
-            "error_examples": errors[:3], "seconds": round(wall, 2), "requests_per_s": round(len(lat) / wall, 2),
+            "error_examples": errors[:3], "caption_words": sorted(words), "seconds": round(wall, 2), "requests_per_s": round(len(lat) / wall, 2),
             "p50_ms": round(pct(50), 1), "p95_ms": round(pct(95), 1), "p99_ms": round(pct(99), 1),
             "mean_batch": round(metric_sum(metrics, "vlv_batch_size_sum") / batches, 2) if batches else 0.0,
             "server_peak_rss_mib": round(rss, 1), "server_exit": server.returncode,
@@ -177,7 +180,7 @@ def main() -> None:
     for r in runs:
         print(f"max_batch_size={r['max_batch_size']:>3}: {r['requests_per_s']:7.1f} req/s  "
               f"p50 {r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
-              f"errors {r['errors']}  mean batch {r['mean_batch']:.1f}  server peak RSS "
+              f"errors {r['errors']}  caption words {r['caption_words']}  mean batch {r['mean_batch']:.1f}  server peak RSS "
               f"{r['server_peak_rss_mib']:.0f} MiB  exit {r['server_exit']}  (load avg {r['load_avg_1min_at_start']})")
     ratio = runs[0]["requests_per_s"] / runs[1]["requests_per_s"] if runs[1]["requests_per_s"] else float("inf")
     client_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
