@@ -63,12 +63,13 @@ def test_cuda_linear_matches_plain_reference(scheme):
     assert sqnr_db(exact, out) >= sqnr_db(exact, plain) - 6.02
 
 
-@pytest.mark.parametrize("scheme", _params())
+@pytest.mark.parametrize("scheme", ["none", *_params()])
 def test_cuda_graph_decode_matches_eager(trained, scheme):
-    """The compiled step (fullgraph, reduce-overhead = CUDA graphs) on the quantized model
-    gives the eager quantized model's tokens."""
+    """The compiled step (fullgraph, reduce-overhead = CUDA graphs) on the bf16 or quantized
+    model gives the eager model's tokens."""
     llm, prefixes, _ = trained
-    q = quantize_llm(copy.deepcopy(llm).cuda(), scheme)
+    q = copy.deepcopy(llm).cuda()
+    q = q.to(torch.bfloat16) if scheme == "none" else quantize_llm(q, scheme)
     prefixes = prefixes[:8].cuda()
     gen = GenerationConfig(max_new_tokens=LENGTH, num_beams=1)
     eager = StaticDecoder(q).generate(prefixes, gen, eos_token_id=None, pad_token_id=0)

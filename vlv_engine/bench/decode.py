@@ -23,7 +23,7 @@ from vlv_engine.engine.quantize import decode_weight_bytes, quantize_llm
 
 def variant_decoders(setup: BenchSetup, schemes: list[str], dtype: torch.dtype, compile: bool) -> dict:
     """label -> decoder: the fast path's own, plus one per extra scheme ("none": unquantized
-    in `dtype`), each a copy of the reference LLM."""
+    in `dtype`), each a copy of the reference LLM (measured at the smallest batch only)."""
     out = {f"fast ({setup.notes['quantize']}, {setup.notes['fast_dtype']})": setup.fast_decoder}
     for scheme in schemes:
         if scheme == setup.notes["quantize"]:
@@ -68,6 +68,8 @@ def run_decode(setup: BenchSetup, batches: list[int], *, repeats: int, bandwidth
         ref_s, ref_ids = _step_seconds(setup.reference_decoder, prefix, n1, n2, setup.never_eos,
                                        repeats, setup.device)
         for label, decoder in decoders.items():
+            if decoder is not setup.fast_decoder and batch != batches[0]:
+                continue  # extra schemes at the smallest batch only (each bucket compiles)
             fast_s, ids = _step_seconds(decoder, prefix.to(decoder.llm.dtype), n1, n2, setup.never_eos,
                                         repeats, setup.device)
             weight_bytes = decode_weight_bytes(decoder.llm)

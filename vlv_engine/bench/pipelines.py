@@ -75,8 +75,13 @@ def _random_model(name: str, seed: int):
     from vlv_engine.config import preset
     from vlv_engine.models import VLVModel
 
+    config = preset(name)
+    if not config.encoder.prompt_ids:
+        # No Florence-2 tokenizer here: stand-in ids of the real task prompt's length
+        # (<s> + 10 BPE tokens of "Describe in detail what is shown in the image." + </s>).
+        config.encoder.prompt_ids = [0, *range(1000, 1010), 2]
     torch.manual_seed(seed)
-    model = VLVModel.from_config(preset(name), with_diffusion=False).eval().requires_grad_(False)
+    model = VLVModel.from_config(config, with_diffusion=False).eval().requires_grad_(False)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.to(torch.bfloat16))  # bf16 values: a bf16 fast path holds the same weights

@@ -103,6 +103,9 @@ def run_bench(opts: BenchOptions, log=lambda msg: None) -> BenchResult:
             continue
         rows += new
         log(f"{suite}: done in {time.perf_counter() - t:.0f} s")
+        if opts.out is not None:  # after each suite: a run stopped from outside keeps what it measured
+            write_json(Path(opts.out) / f"bench_{opts.preset}.json", machine=machine, options=opts.to_dict(),
+                       rows=rows, skipped=skipped, setup=setup_info)
     table = format_table(rows)
     json_path = plot_path = None
     if opts.out is not None:
