@@ -32,6 +32,15 @@ def photo(h: int, w: int, seed: int, channels: int = 3) -> np.ndarray:
     return np.clip(np.stack(planes, axis=-1), 0, 255).astype(np.uint8)
 
 
+def big_photo(h: int, w: int, seed: int) -> np.ndarray:
+    """A cheap camera-sized image: gradients, a checkerboard and noise, all in uint8."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(h, dtype=np.int64)[:, None]
+    x = np.arange(w, dtype=np.int64)[None, :]
+    base = (y * 120 // h + x * 100 // w + ((y // 37 + x // 53) % 2) * 30).astype(np.uint8)  # [H, W]
+    return base[..., None] + rng.integers(0, 6, (h, w, 3), dtype=np.uint8) * np.uint8(5)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_loader():
     _loader._load.cache_clear()
@@ -243,3 +252,39 @@ def test_cuda_kernels_match_reference():
         got = native.preprocess_batch(images, 96, MEAN, STD, dtype, device="cuda")
         assert got.device.type == "cuda"
         assert torch.equal(got.cpu(), native.preprocess_batch_reference(images, 96, MEAN, STD, dtype))
+
+
+def test_photo_sized_inputs_match_reference():
+    image = big_photo(2000, 3000, 11)  # the size a camera produces, to Florence-2's 768
+    for size in (768, 64):
+        assert torch.equal(native.preprocess_batch([image], size, MEAN, STD, torch.bfloat16),
+                           native.preprocess_batch_reference([image], size, MEAN, STD, torch.bfloat16))
+
+
+def test_the_gil_is_released_while_resizing():
+    import time
+
+    module = _loader._load().module
+    images = [big_photo(1500, 2000, s) for s in range(3)]
+    out = np.empty((len(images), 768, 768, 3), np.uint8)
+    done = threading.Event()
+    span = {}
+
+    def work() -> None:
+        span["start"] = time.perf_counter()
+        module.resize_u8(images, out, 1, 1)  # one C call, one thread
+        span["end"] = time.perf_counter()
+        done.set()
+
+    ticks = []
+    worker = threading.Thread(target=work)
+    worker.start()
+    while not done.is_set():
+        ticks.append(time.perf_counter())
+    worker.join()
+    inside = [t for t in ticks if span["start"] <= t <= span["end"]]
+    duration = span["end"] - span["start"]
+    # Holding the GIL for the call would freeze this loop for all of it.
+    assert len(inside) > 100, (len(inside), duration)
+    gaps = np.diff([span["start"], *inside, span["end"]])
+    assert gaps.max() < 0.5 * duration, (gaps.max(), duration)
