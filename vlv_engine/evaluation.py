@@ -46,12 +46,12 @@ def evaluate_captions(engine, scenes: list[shapes.Scene], *, batch_size: int = 3
 
 def reconstruction_accuracy(engine, scenes: list[shapes.Scene], *, steps: int | None = None,
                             guidance_scale: float | None = None, seed: int = 0,
-                            batch_size: int = 16) -> dict[str, float]:
+                            batch_size: int = 16, sampler: str | None = None) -> dict[str, float]:
     """Fraction of single-object scenes whose reconstruction shows the right colour and cell."""
     if any(len(s) != 1 for s in scenes):
         raise ValueError("reconstruction accuracy is defined on single-object scenes")
     recon = engine.reconstruct([shapes.render(s) for s in scenes], steps=steps, guidance_scale=guidance_scale,
-                               seed=seed, batch_size=batch_size)
+                               seed=seed, batch_size=batch_size, sampler=sampler)
     color_ok = cell_ok = both_ok = 0
     for scene, image in zip(scenes, recon):
         if image.size != (shapes.CANVAS, shapes.CANVAS):

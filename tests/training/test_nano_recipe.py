@@ -57,6 +57,37 @@ def test_micro_recipe_produces_a_captioning_model(micro_run):
     assert [r["phase"] for r in log] == list(nano.PHASES) and "cpu_threads" in log[0]["machine"]
 
 
+def test_ablation_trains_stage2_on_the_untrained_encoder(micro_run):
+    from vlv_engine.checkpoint.folder import load_folder
+
+    root, _ = micro_run
+    cfg = nano.phase_config("ablation", root, [])
+    assert cfg.stage == "stage2" and cfg.init == str(root / "teacher" / "model")
+    ablation = load_folder(root / "ablation" / "model").model
+    teacher = load_folder(root / "teacher" / "model").model
+    full = load_folder(root / "stage2" / "model").model
+    a, t, f = (m.encoder.state_dict() for m in (ablation, teacher, full))
+    assert all(torch.equal(a[k], t[k]) for k in a)  # the encoder stage 1 would have trained is untouched
+    assert any(not torch.equal(a[k], f[k]) for k in a)
+
+
+def test_report_measures_finished_phases_and_bundle_carries_it(micro_run, tmp_path):
+    root, _ = micro_run
+    result = nano.report(root, num=6, recon_num=2, recon_steps=(2,), teacher_n=2)
+    checks = result["checks"]
+    assert set(checks) >= {"vae", "teacher", "stage2", "ablation", "latent_scale"}
+    assert set(checks["stage2"]["reconstruction"]) == {"dpm_2", "ddpm_50"}
+    assert checks["stage2"]["caption"]["n"] == 6 and "reconstruction" not in checks["ablation"] or \
+        checks["ablation"]["reconstruction"] is None
+    assert all(result["phases"][p]["complete"] for p in nano.PHASES)
+    text = (root / "REPORT.md").read_text()
+    assert "| stage1 | 2 |" in text and "Ablation: stage 1 skipped" in text and "Machine:" in text
+    dest = nano.bundle(root, tmp_path / "bundled")
+    assert (dest / "vlv.json").is_file() and (dest / "REPORT.md").is_file() and (dest / "loss_stage2.png").is_file()
+    with pytest.raises(RuntimeError, match="MB"):
+        nano.bundle(root, tmp_path / "too_big", max_mb=0.001)
+
+
 def test_rerun_skips_finished_phases(micro_run):
     root, _ = micro_run
     assert nano.run(root, list(nano.PHASES), max_minutes=None, overrides=[], progress=False) == {}

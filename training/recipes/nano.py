@@ -12,12 +12,14 @@ phase's model folder:
             Frozen from now on;
 3. stage1   the VLV encoder (a small Florence-2 + queries + phi) from images alone,
             through the frozen teacher;
-4. stage2   psi + a small Qwen2 caption decoder on (image, caption) pairs.
+4. stage2   psi + a small Qwen2 caption decoder on (image, caption) pairs;
+5. ablation stage 2 again, on the untrained encoder (stage 1 skipped): how much stage 1 is worth.
 
 Every phase checkpoints and resumes; `--max-minutes` bounds one invocation so the
 recipe runs in chunks, and rerunning the same command continues where it stopped.
 A finished phase is skipped. `python -m vlv_training.recipes.nano --report` writes
-the metrics of every finished phase.
+the metrics of every finished phase (REPORT.md, report.json); `--bundle` copies the
+finished model and its report into the package as the default model.
 """
 
 from __future__ import annotations
@@ -41,7 +43,11 @@ from vlv_engine.tokenization import word_level_tokenizer
 from vlv_training.config import TrainConfig, apply_override, load_config
 from vlv_training.trainer import train
 
-PHASES = ("vae", "teacher", "stage1", "stage2")
+PHASES = ("vae", "teacher", "stage1", "stage2", "ablation")
+# The folder each phase starts from. "ablation" is the paper's central ablation: stage 2
+# on an encoder that stage 1 never trained (the teacher's folder, whose encoder is random).
+INIT_FROM = {"vae": "init", "teacher": "vae", "stage1": "teacher", "stage2": "stage1", "ablation": "teacher"}
+STAGE_OF = {"ablation": "stage2"}
 FLORENCE_PROMPT = "describe"
 # Every caption fits: at most 17 words + <s> + </s>.
 CONTEXT_LENGTH = 20
@@ -109,12 +115,13 @@ PHASE_SETTINGS: dict[str, dict[str, Any]] = {
                "optim": {"lr": 1e-3, "warmup_steps": 200, "min_lr_ratio": 0.05},
                "data": {"num_samples": 100_000, "seed": 4, "max_caption_tokens": 24}, "save_every": 500},
 }
+PHASE_SETTINGS["ablation"] = json.loads(json.dumps(PHASE_SETTINGS["stage2"]))
 
 
 def phase_config(phase: str, root: Path, overrides: list[str]) -> TrainConfig:
     data = json.loads(json.dumps(PHASE_SETTINGS[phase]))
-    previous = root / "init" if phase == "vae" else root / PHASES[PHASES.index(phase) - 1] / "model"
-    data.update(stage=phase, init=str(previous), out_dir=str(root / phase), log_every=25)
+    data.update(stage=STAGE_OF.get(phase, phase), init=str(init_dir(root, phase)), out_dir=str(root / phase),
+                log_every=25)
     for item in overrides:
         key, _, value = item.partition("=")
         target, _, field = key.partition(".")
@@ -145,6 +152,11 @@ def calibrate_latent_scale(root: Path, n: int = 2048, seed: int = 5) -> float:
     return factor
 
 
+def init_dir(root: Path, phase: str) -> Path:
+    source = INIT_FROM[phase]
+    return root / "init" if source == "init" else root / source / "model"
+
+
 def phase_done(root: Path, phase: str) -> bool:
     return (root / phase / "model" / "vlv.json").is_file()
 
@@ -165,8 +177,7 @@ def phase_model(root: Path, phase: str):
     checkpoints = list_checkpoints(root / phase)
     if not checkpoints:
         raise RuntimeError(f"phase {phase} has neither a model nor a checkpoint under {root / phase}")
-    init = root / "init" if phase == "vae" else root / PHASES[PHASES.index(phase) - 1] / "model"
-    loaded = load_folder(init, load_caption_decoder=False)
+    loaded = load_folder(init_dir(root, phase), load_caption_decoder=False)
     weights = load_file(str(checkpoints[-1] / "weights.safetensors"))
     params = dict(loaded.model.named_parameters())
     with torch.no_grad():
@@ -257,8 +268,9 @@ def run(root: Path, phases: list[str], *, max_minutes: float | None, overrides: 
     for phase in phases:
         if phase_done(root, phase):
             continue
-        if PHASES.index(phase) > 0 and not phase_done(root, PHASES[PHASES.index(phase) - 1]):
-            raise RuntimeError(f"phase {phase} needs {PHASES[PHASES.index(phase) - 1]} to finish first")
+        needs = INIT_FROM[phase]
+        if needs != "init" and not phase_done(root, needs):
+            raise RuntimeError(f"phase {phase} needs {needs} to finish first")
         if phase == "teacher":
             calibrate_latent_scale(root)
         cfg = phase_config(phase, root, overrides)
@@ -277,14 +289,136 @@ def _append_log(root: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record, default=str) + "\n")
 
 
-def bundle(root: Path, dest: Path) -> Path:
-    """Copy the finished model into the package (the default of Engine.from_pretrained())."""
+# ----------------------------------------------------------------------------- report
+
+
+def phase_records(root: Path) -> dict[str, dict[str, Any]]:
+    """Per phase, from recipe_log.jsonl: wall time summed over its chunks, last step and loss."""
+    out: dict[str, dict[str, Any]] = {}
+    log = root / "recipe_log.jsonl"
+    for line in (log.read_text().splitlines() if log.is_file() else []):
+        rec = json.loads(line)
+        phase = rec.get("phase")
+        if phase not in PHASES:
+            continue
+        cur = out.setdefault(phase, {"wall_s": 0.0, "chunks": 0})
+        cur["wall_s"] += float(rec.get("wall_s", 0.0))
+        cur["chunks"] += 1
+        cur.update(step=rec.get("step"), loss=rec.get("loss"), complete=bool(rec.get("complete")),
+                   machine=rec.get("machine"))
+    return out
+
+
+@torch.no_grad()
+def caption_model_metrics(model_dir: Path, *, num: int, recon_num: int, recon_steps: tuple[int, ...]) -> dict:
+    """`vlv eval shapes` figures for a finished caption model, plus reconstruction accuracy
+    against sampler steps (DPM-Solver++ at each of `recon_steps`, and the official 50-step DDPM)."""
+    from vlv_engine import Engine
+    from vlv_engine.evaluation import EVAL_SEED, eval_scenes, evaluate_shapes, reconstruction_accuracy
+
+    engine = Engine.from_pretrained(model_dir)
+    out = evaluate_shapes(engine, num=num, recon_num=0).to_dict()
+    if recon_num:
+        scenes = eval_scenes(recon_num, EVAL_SEED + 1, num_objects=1)
+        out["reconstruction"] = {f"dpm_{k}": reconstruction_accuracy(engine, scenes, steps=k, sampler="dpm")
+                                 for k in recon_steps}
+        out["reconstruction"]["ddpm_50"] = reconstruction_accuracy(engine, scenes, steps=50, sampler="ddpm")
+    return out
+
+
+def report(root: Path, *, num: int = 500, recon_num: int = 100, recon_steps: tuple[int, ...] = (10, 20, 50),
+           teacher_n: int = 100) -> dict[str, Any]:
+    """Measure every phase that has something to measure; write report.json and REPORT.md."""
+    records = phase_records(root)
+    result: dict[str, Any] = {"phases": records, "command": "python -m vlv_training.recipes.nano", "checks": {}}
+    if phase_done(root, "vae"):
+        result["checks"]["vae"] = vae_accuracy(root / "vae" / "model", n=200)
+        scale = root / "vae" / "latent_scale.json"
+        if scale.is_file():
+            result["checks"]["latent_scale"] = json.loads(scale.read_text())
+    if phase_done(root, "teacher") or records.get("teacher"):
+        result["checks"]["teacher"] = teacher_accuracy(root, n=teacher_n)
+    for phase in ("stage2", "ablation"):
+        if phase_done(root, phase):
+            rn = recon_num if phase == "stage2" else 0
+            result["checks"][phase] = caption_model_metrics(root / phase / "model", num=num, recon_num=rn,
+                                                            recon_steps=recon_steps)
+    for phase in PHASES:
+        metrics = root / phase / "metrics.jsonl"
+        if metrics.is_file() and not (root / phase / "loss.png").is_file():
+            try:
+                from vlv_training.plot import plot_metrics
+
+                plot_metrics(metrics, root / phase / "loss.png")
+            except ImportError:
+                pass
+    (root / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (root / "REPORT.md").write_text(render_report(result))
+    return result
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f} %"
+
+
+def render_report(result: dict[str, Any]) -> str:
+    phases, checks = result["phases"], result["checks"]
+    lines = ["# Nano model: training report", "",
+             f"Made by `{result['command']}` (resumable; rerun to continue).", ""]
+    machine = next((r.get("machine") for r in phases.values() if r.get("machine")), None)
+    if machine:
+        lines += [f"Machine: {machine.get('cpu', '?')}, {machine.get('cpu_threads')} threads, "
+                  f"torch {machine.get('torch')}, Python {machine.get('python')}.", ""]
+    lines += ["| phase | steps | final loss | wall time | chunks | finished |", "| --- | --- | --- | --- | --- | --- |"]
+    total = 0.0
+    for phase in PHASES:
+        r = phases.get(phase)
+        if r is None:
+            lines.append(f"| {phase} | - | - | - | - | no |")
+            continue
+        total += r["wall_s"]
+        loss = "-" if r.get("loss") is None else f"{r['loss']:.4f}"
+        lines.append(f"| {phase} | {r.get('step')} | {loss} | {r['wall_s'] / 60:.1f} min | {r['chunks']} | "
+                     f"{'yes' if r.get('complete') else 'no'} |")
+    lines += ["", f"Total wall time so far: {total / 3600:.2f} h.", "", "## Checks", ""]
+    if "vae" in checks:
+        lines.append(f"- VAE: colour + cell of held-out single objects read back from reconstructions: "
+                     f"{_pct(checks['vae']['color_and_cell'])} (n={int(checks['vae']['n'])}).")
+    if "teacher" in checks:
+        t = checks["teacher"]
+        lines.append(f"- Teacher draws what its caption asks (single objects, DPM 20 steps, CFG 3): colour "
+                     f"{_pct(t['color'])}, cell {_pct(t['cell'])}, both {_pct(t['color_and_cell'])} "
+                     f"(n={int(t['n'])}; chance for the cell: 11 %).")
+    for phase, label in (("stage2", "Full recipe"), ("ablation", "Ablation: stage 1 skipped")):
+        if phase in checks:
+            c = checks[phase]
+            lines.append(f"- {label}: caption exact match {_pct(c['caption']['exact_match'])}, object F1 "
+                         f"{c['caption']['f1']:.3f} (one object: {_pct(c['caption_single']['exact_match'])}, "
+                         f"two: {_pct(c['caption_double']['exact_match'])}; n={int(c['caption']['n'])}).")
+            for k, v in (c.get("reconstruction") or {}).items():
+                lines.append(f"  - reconstruction, {k.replace('_', ' ')} steps: colour + cell {_pct(v['color_and_cell'])}")
+    lines += ["", "Loss curves: `<phase>/loss.png`.", ""]
+    return "\n".join(lines)
+
+
+def bundle(root: Path, dest: Path, max_mb: float = 25.0) -> Path:
+    """Copy the finished model and its report into the package (the default of
+    Engine.from_pretrained())."""
     src = root / "stage2" / "model"
     if not (src / "vlv.json").is_file():
         raise RuntimeError(f"{src} does not exist: finish the recipe first")
+    size = sum(f.stat().st_size for f in src.rglob("*") if f.is_file()) / 2**20
+    if size > max_mb:
+        raise RuntimeError(f"the model folder is {size:.1f} MB, over the {max_mb} MB the package may carry")
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(src, dest)
+    for name in ("REPORT.md", "report.json"):
+        if (root / name).is_file():
+            shutil.copy2(root / name, dest / name)
+    for phase in PHASES:
+        if (root / phase / "loss.png").is_file():
+            shutil.copy2(root / phase / "loss.png", dest / f"loss_{phase}.png")
     return dest
 
 
@@ -297,8 +431,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
     parser.add_argument("--set", action="append", default=[], metavar="PHASE.FIELD=VALUE")
     parser.add_argument("--check", choices=["vae", "teacher"], help="measure a finished phase and exit")
+    parser.add_argument("--report", action="store_true", help="measure the finished phases, write REPORT.md")
+    parser.add_argument("--bundle", action="store_true", help="copy the finished model into the package")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.report:
+        print(render_report(report(args.root)))
+        return
+    if args.bundle:
+        from vlv_engine.engine.engine import default_model_path
+
+        print(bundle(args.root, default_model_path()))
+        return
     if args.check == "vae":
         print(json.dumps(vae_accuracy(args.root / "vae" / "model")))
         return
