@@ -33,7 +33,7 @@ def test_layer_norm(dtype):
 
 @pytest.mark.parametrize("dtype,approximate",
                          [(torch.float32, "none"), (torch.float16, "none"), (torch.bfloat16, "none"),
-                          (torch.bfloat16, "tanh")])
+                          (torch.bfloat16, "tanh"), (torch.float32, "quick"), (torch.bfloat16, "quick")])
 def test_linear_gelu(dtype, approximate):
     x = torch.randn(8 * 77, 1024, device="cuda").to(dtype)
     w = (torch.randn(1024, 1024, device="cuda") / 32).to(dtype)

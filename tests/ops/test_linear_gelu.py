@@ -20,13 +20,21 @@ def _inputs(lead, k, n, dtype, bias=True):
 
 
 @pytest.mark.parametrize("lead,k,n", SHAPES)
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("approximate", ["none", "tanh", "quick"])
 def test_fp32_matches_reference(interpreter, lead, k, n, approximate):
     x, w, b = _inputs(lead, k, n, torch.float32)
     assert ops.backend_for(x) == "triton"
     y = ops.linear_gelu(x, w, b, approximate)
     assert y.shape == (*lead, n) and y.dtype == torch.float32
     assert rel_err(y, reference.linear_gelu(x, w, b, approximate)) < 1e-5
+
+
+def test_quick_gelu_reference_is_clip_quick_gelu(reference_path):
+    """'quick' is transformers' QuickGELUActivation (CLIP-L's text encoder)."""
+    from transformers.activations import ACT2FN
+
+    x, w, b = _inputs((6,), 33, 20, torch.float32)
+    assert torch.equal(ops.linear_gelu(x, w, b, "quick"), ACT2FN["quick_gelu"](torch.nn.functional.linear(x, w, b)))
 
 
 def test_without_bias(interpreter):
@@ -79,5 +87,6 @@ def test_errors(reference_path):
 
 def test_opcheck(reference_path):
     x, w, b = _inputs((3, 5), 16, 24, torch.float32)
-    for args in [(x, w, b, "none"), (x, w, None, "tanh"), (x.transpose(0, 1), w.t().contiguous().t(), b, "none")]:
+    for args in [(x, w, b, "none"), (x, w, None, "tanh"), (x, w, b, "quick"),
+                 (x.transpose(0, 1), w.t().contiguous().t(), b, "none")]:
         torch.library.opcheck(torch.ops.vlv.linear_gelu.default, args)
