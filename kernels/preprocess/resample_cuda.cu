@@ -27,19 +27,20 @@ __device__ __forceinline__ uint8_t clip8_dev(int32_t v) {
 __global__ void to_rgb_kernel(const uint8_t* __restrict__ src, int64_t row_stride, int channels, int height,
                               int width, uint8_t* __restrict__ dst) {
   const int x = blockIdx.x * blockDim.x + threadIdx.x;
-  const int y = blockIdx.y;
-  if (x >= width || y >= height) return;
-  const uint8_t* p = src + y * row_stride + static_cast<int64_t>(x) * channels;
-  uint8_t* q = dst + (static_cast<int64_t>(y) * width + x) * 3;
-  if (channels == 1) {
-    q[0] = q[1] = q[2] = p[0];
-  } else if (channels == 3) {
-    q[0] = p[0]; q[1] = p[1]; q[2] = p[2];
-  } else {
-    const unsigned a = p[3];
-    for (int c = 0; c < 3; ++c) {
-      const unsigned t = 255u * (255u - a) + p[c] * a + 128u;
-      q[c] = static_cast<uint8_t>(((t >> 8) + t) >> 8);
+  if (x >= width) return;
+  for (int y = blockIdx.y; y < height; y += gridDim.y) {  // gridDim.y is capped at 65535
+    const uint8_t* p = src + y * row_stride + static_cast<int64_t>(x) * channels;
+    uint8_t* q = dst + (static_cast<int64_t>(y) * width + x) * 3;
+    if (channels == 1) {
+      q[0] = q[1] = q[2] = p[0];
+    } else if (channels == 3) {
+      q[0] = p[0]; q[1] = p[1]; q[2] = p[2];
+    } else {
+      const unsigned a = p[3];
+      for (int c = 0; c < 3; ++c) {
+        const unsigned t = 255u * (255u - a) + p[c] * a + 128u;
+        q[c] = static_cast<uint8_t>(((t >> 8) + t) >> 8);
+      }
     }
   }
 }
@@ -49,20 +50,21 @@ __global__ void horizontal_kernel(const uint8_t* __restrict__ src, int in_w, int
                                   const int* __restrict__ first, const int* __restrict__ count,
                                   const int32_t* __restrict__ weight, int ksize, uint8_t* __restrict__ dst) {
   const int xx = blockIdx.x * blockDim.x + threadIdx.x;
-  const int r = blockIdx.y;
-  if (xx >= out_w || r >= rows) return;
-  const uint8_t* p = src + (static_cast<int64_t>(row0 + r) * in_w + first[xx]) * 3;
-  const int32_t* k = weight + static_cast<int64_t>(xx) * ksize;
-  int32_t s0 = 1 << (kPrecisionBits - 1), s1 = s0, s2 = s0;
-  for (int j = 0; j < count[xx]; ++j) {
-    s0 += p[3 * j] * k[j];
-    s1 += p[3 * j + 1] * k[j];
-    s2 += p[3 * j + 2] * k[j];
+  if (xx >= out_w) return;
+  for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+    const uint8_t* p = src + (static_cast<int64_t>(row0 + r) * in_w + first[xx]) * 3;
+    const int32_t* k = weight + static_cast<int64_t>(xx) * ksize;
+    int32_t s0 = 1 << (kPrecisionBits - 1), s1 = s0, s2 = s0;
+    for (int j = 0; j < count[xx]; ++j) {
+      s0 += p[3 * j] * k[j];
+      s1 += p[3 * j + 1] * k[j];
+      s2 += p[3 * j + 2] * k[j];
+    }
+    uint8_t* q = dst + (static_cast<int64_t>(r) * out_w + xx) * 3;
+    q[0] = clip8_dev(s0);
+    q[1] = clip8_dev(s1);
+    q[2] = clip8_dev(s2);
   }
-  uint8_t* q = dst + (static_cast<int64_t>(r) * out_w + xx) * 3;
-  q[0] = clip8_dev(s0);
-  q[1] = clip8_dev(s1);
-  q[2] = clip8_dev(s2);
 }
 
 // Vertical pass: src rows (offset by -row0) [*, w, 3] -> dst [out_h, w, 3]; one thread per byte.
@@ -70,14 +72,15 @@ __global__ void vertical_kernel(const uint8_t* __restrict__ src, int w, int row0
                                 const int* __restrict__ first, const int* __restrict__ count,
                                 const int32_t* __restrict__ weight, int ksize, uint8_t* __restrict__ dst) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;  // byte in the row
-  const int y = blockIdx.y;
   const int n = 3 * w;
-  if (i >= n || y >= out_h) return;
-  const int32_t* k = weight + static_cast<int64_t>(y) * ksize;
-  const uint8_t* p = src + static_cast<int64_t>(first[y] - row0) * n + i;
-  int32_t s = 1 << (kPrecisionBits - 1);
-  for (int j = 0; j < count[y]; ++j) s += p[static_cast<int64_t>(j) * n] * k[j];
-  dst[static_cast<int64_t>(y) * n + i] = clip8_dev(s);
+  if (i >= n) return;
+  for (int y = blockIdx.y; y < out_h; y += gridDim.y) {
+    const int32_t* k = weight + static_cast<int64_t>(y) * ksize;
+    const uint8_t* p = src + static_cast<int64_t>(first[y] - row0) * n + i;
+    int32_t s = 1 << (kPrecisionBits - 1);
+    for (int j = 0; j < count[y]; ++j) s += p[static_cast<int64_t>(j) * n] * k[j];
+    dst[static_cast<int64_t>(y) * n + i] = clip8_dev(s);
+  }
 }
 
 // [H, W, 3] uint8 -> [3, H, W] through lut [3, 256].
@@ -119,6 +122,8 @@ void release(DeviceCoeffs& d, cudaStream_t stream) {
 
 unsigned blocks(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
 
+unsigned rows_grid(int rows) { return static_cast<unsigned>(rows < 65535 ? rows : 65535); }
+
 }  // namespace
 
 void resize_batch_cuda(const std::vector<ImageView>& images, void* out, const void* lut, int elem_bytes, int height,
@@ -145,7 +150,7 @@ void resize_batch_cuda(const std::vector<ImageView>& images, void* out, const vo
     check(cudaMallocAsync(&src, src_bytes, stream), "cudaMallocAsync");
     check(cudaMemcpyAsync(src, im.data, src_bytes, cudaMemcpyHostToDevice, stream), "copy");
     check(cudaMallocAsync(&rgb, static_cast<size_t>(im.height) * im.width * 3, stream), "cudaMallocAsync");
-    to_rgb_kernel<<<dim3(blocks(im.width, kThreads), im.height), kThreads, 0, stream>>>(
+    to_rgb_kernel<<<dim3(blocks(im.width, kThreads), rows_grid(im.height)), kThreads, 0, stream>>>(
         src, im.row_stride, im.channels, im.height, im.width, rgb);
 
     // 2. The two passes, in Pillow's order; `res` ends as [height, width, 3].
@@ -153,10 +158,10 @@ void resize_batch_cuda(const std::vector<ImageView>& images, void* out, const vo
     const uint8_t* cur = rgb;
     if (vertical_first) {
       check(cudaMallocAsync(&mid, static_cast<size_t>(height) * im.width * 3, stream), "cudaMallocAsync");
-      vertical_kernel<<<dim3(blocks(3LL * im.width, kThreads), height), kThreads, 0, stream>>>(
+      vertical_kernel<<<dim3(blocks(3LL * im.width, kThreads), rows_grid(height)), kThreads, 0, stream>>>(
           cur, im.width, 0, height, dv.first, dv.count, dv.weight, dv.ksize, mid);
       check(cudaMallocAsync(&res, static_cast<size_t>(pixels) * 3, stream), "cudaMallocAsync");
-      horizontal_kernel<<<dim3(blocks(width, kThreads), height), kThreads, 0, stream>>>(
+      horizontal_kernel<<<dim3(blocks(width, kThreads), rows_grid(height)), kThreads, 0, stream>>>(
           mid, im.width, 0, height, width, dh.first, dh.count, dh.weight, dh.ksize, res);
       cur = res;
     } else {
@@ -165,13 +170,13 @@ void resize_batch_cuda(const std::vector<ImageView>& images, void* out, const vo
         row0 = vc.first[0];
         const int rows = vc.first[height - 1] + vc.count[height - 1] - row0;
         check(cudaMallocAsync(&mid, static_cast<size_t>(rows) * width * 3, stream), "cudaMallocAsync");
-        horizontal_kernel<<<dim3(blocks(width, kThreads), rows), kThreads, 0, stream>>>(
+        horizontal_kernel<<<dim3(blocks(width, kThreads), rows_grid(rows)), kThreads, 0, stream>>>(
             cur, im.width, row0, rows, width, dh.first, dh.count, dh.weight, dh.ksize, mid);
         cur = mid;
       }
       if (need_v) {
         check(cudaMallocAsync(&res, static_cast<size_t>(pixels) * 3, stream), "cudaMallocAsync");
-        vertical_kernel<<<dim3(blocks(3LL * width, kThreads), height), kThreads, 0, stream>>>(
+        vertical_kernel<<<dim3(blocks(3LL * width, kThreads), rows_grid(height)), kThreads, 0, stream>>>(
             cur, width, need_h ? row0 : 0, height, dv.first, dv.count, dv.weight, dv.ksize, res);
         cur = res;
       }
