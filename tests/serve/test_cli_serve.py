@@ -34,3 +34,14 @@ def test_model_threads_default_leaves_a_core_for_http(monkeypatch):
     assert cli._serve_threads(parse(["serve"])) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert cli._serve_threads(parse(["serve"])) is None  # the environment's setting stands
+
+
+def test_serve_package_imports_without_the_web_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys; import vlv_engine.serve; "
+            "print(sorted(m for m in ('fastapi', 'starlette', 'uvicorn', 'prometheus_client', 'torch') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
