@@ -105,6 +105,11 @@ class CMakeBuild(build_ext):
 
 def _extensions() -> list[Extension]:
     if not _flag("VLV_NATIVE", True):
+        # A module left in the source tree by an earlier editable install would
+        # still be imported: remove it, so that the install really has none.
+        suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+        for name in ("_preprocess", "_preprocess_cuda"):
+            (ROOT / "vlv_engine" / "native" / f"{name}{suffix}").unlink(missing_ok=True)
         print("VLV_NATIVE=0: not building the native extension", file=sys.stderr)
         return []
     modules = [CMakeExtension("vlv_engine.native._preprocess")]
