@@ -1,7 +1,7 @@
 """Fused ops for the encoder-to-bottleneck path, each a torch.library custom op.
 
     layer_norm(x, weight, bias, eps, residual=None)   # vlv::layer_norm / vlv::add_layer_norm
-    linear_gelu(x, weight, bias, approximate="none")  # vlv::linear_gelu
+    linear_gelu(x, weight, bias, approximate="none")  # vlv::linear_gelu ('none' | 'tanh' | 'quick')
     attention(q, k, v, is_causal=False, scale=None)   # vlv::attention
 
 Each op runs its Triton kernel on CUDA tensors and its plain-PyTorch reference
@@ -9,6 +9,10 @@ Each op runs its Triton kernel on CUDA tensors and its plain-PyTorch reference
 VLV_TRITON_ON_CPU=1, CPU tensors go through the kernels in Triton's interpreter
 (tests). `available()` says whether a Triton kernel can run here. Importing this
 package never imports triton. Forward only: the ops have no backward.
+
+`fused_modules` holds drop-in LayerNorm / Linear+GELU modules; `fused_blocks` the
+encoder path's transformers (Florence-2's BART encoder and query decoder, the CLIP
+text encoder) rebuilt on these ops, used by the engine's "triton" encoder backend.
 """
 
 from vlv_engine.ops import reference
