@@ -10,7 +10,7 @@ from batch_helpers import GEN, captions_by_id, crash_on_marker, make_images, rea
 from PIL import Image
 
 from vlv_engine.batch import JobOptions, caption_dataset
-from vlv_engine.batch.decode import WORKER_CRASHED, DecodePool, DecodeTask
+from vlv_engine.batch.decode import WORKER_CRASHED, DecodePool, DecodeTask, decode_one
 from vlv_engine.batch.inputs import FileSource
 
 
@@ -158,3 +158,17 @@ def test_file_names_that_are_not_utf8(tmp_path, engine):
     assert (summary.already_done, summary.failed) == (1, 1)
     assert captions_by_id(out) == {str(odd): engine.caption([odd], **GEN)[0]}
     assert read_jsonl(summary.paths.errors)[0]["id"] == str(folder / os.fsdecode(b"broken-\xfe.png"))
+
+
+def test_batches_in_flight_on_a_crashed_worker_come_back_in_order(tmp_path):
+    # One worker, several batches queued behind the one that kills it: they are sent
+    # again to its replacement and every batch comes back in input order.
+    paths = make_images(tmp_path, 9)
+    crash = tmp_path / "CRASH.png"
+    crash.write_bytes(paths[0].read_bytes())
+    batches = [[DecodeTask(FileSource(str(p)))] for p in (paths[0], crash, *paths[1:])]
+    with DecodePool(1, size=8, max_pixels=None, max_in_flight=4, batch_fn=crash_on_marker) as pool:
+        results = list(pool.map(batches))
+    assert [r[0].reason for r in results] == [None, WORKER_CRASHED] + [None] * 8
+    expected = [decode_one(DecodeTask(FileSource(str(p))), 8, None).sha256 for p in (paths[0], *paths[1:])]
+    assert [r[0].sha256 for i, r in enumerate(results) if i != 1] == expected
