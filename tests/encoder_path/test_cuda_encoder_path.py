@@ -61,8 +61,9 @@ def test_fused_path_half(cuda_model, dtype):
     assert err <= 2 * (eager_half.double() - oracle.double()).abs().max().item() + ulp * oracle.abs().max().item()
 
 
-def test_cuda_graph_replay_per_bucket(cuda_model):
-    runner = TritonEncoderPath(cuda_model, max_batch=4)
+@pytest.mark.parametrize("scope", ["segment", "full"])
+def test_cuda_graph_replay_per_bucket(cuda_model, scope):
+    runner = TritonEncoderPath(cuda_model, max_batch=4, graph_scope=scope)
     fused = runner.fused
     for b, seed in ((1, 0), (3, 1), (4, 2), (3, 3), (1, 4), (6, 5)):  # 6: chunks of 4 and 2
         x = _pixels(cuda_model, b, seed)

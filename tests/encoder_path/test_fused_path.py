@@ -98,10 +98,17 @@ def test_unfusable_activation_runs_unfused(reference_path, pixels):
         assert rel_err(fused(pixels), m.caption_embedding(pixels)) < 1e-5
 
 
-def test_batch_invariance(reference_path, model, pixels):
-    """An image's embedding does not depend on its batch (bucket padding included)."""
-    runner = TritonEncoderPath(model, max_batch=4, recorder=eager_recorder)
+@pytest.mark.parametrize("scope", ["segment", "full"])
+def test_batch_invariance(reference_path, model, pixels, scope):
+    """An image's embedding does not depend on its batch (bucket padding included), and
+    equals the eager model's, whichever part of the path a graph holds."""
+    runner = TritonEncoderPath(model, max_batch=4, graph_scope=scope, recorder=eager_recorder)
     together = runner(pixels)  # [3, Nq, D]: bucket 4, one zero row of padding
     for i in range(pixels.shape[0]):
         alone = runner(pixels[i:i + 1])  # bucket 1
         torch.testing.assert_close(alone[0], together[i], rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        assert rel_err(together, model.caption_embedding(pixels)) < 1e-5
+    assert sorted(runner._segments.recordings) == [1, 4]
+    with pytest.raises(ValueError, match="unknown graph_scope 'vision'"):
+        TritonEncoderPath(model, graph_scope="vision")

@@ -13,7 +13,8 @@ Three runners, one per backend (chosen by `vlv_engine.engine.encoder_select`):
 * `TritonEncoderPath`: `FusedEncoderPath` (Florence-2's BART encoder and query decoder,
   phi and the CLIP text encoder on the vlv ops; the DaViT vision tower stays as it is)
   with the fixed-shape phi -> text encoder segment replayed from one CUDA graph per
-  batch bucket (`vlv_engine.engine.segment_graph`).
+  batch bucket (`vlv_engine.engine.segment_graph`); ``graph_scope="full"`` captures the
+  whole path (vision tower included) instead.
 
 None of them changes the model it is given: the fused modules share its parameters
 (and hold stacked copies of the q/k/v weights, taken when the runner is built).
@@ -33,6 +34,7 @@ from vlv_engine.ops.fused_blocks import FusedBartDecoder, FusedBartEncoder, Fuse
 from vlv_engine.ops.fused_modules import fuse_projector
 
 BATCHING = ("buckets", "dynamic")
+GRAPH_SCOPES = ("segment", "full")
 
 
 class CaptionEmbedding(nn.Module):
@@ -133,9 +135,16 @@ class TritonEncoderPath:
     backend = "triton"
 
     def __init__(self, model: nn.Module, *, max_batch: int = 8, cuda_graph: bool | None = None,
-                 recorder: Callable | None = None):
+                 graph_scope: str = "segment", recorder: Callable | None = None):
+        # cuda_graph: None = on CUDA devices. graph_scope: what one graph holds, "segment"
+        # (phi -> text encoder, from the query states) or "full" (pixels -> embedding: the
+        # vision tower and BART too; every shape in the path is fixed by the image size).
+        # recorder: replaces the CUDA-graph recorder (tests: segment_graph.eager_recorder).
+        if graph_scope not in GRAPH_SCOPES:
+            raise ValueError(f"unknown graph_scope {graph_scope!r}; choose one of {GRAPH_SCOPES}")
         self.fused = FusedEncoderPath(model).eval()
         self.buckets = power_of_two_buckets(max_batch)
+        self.graph_scope = graph_scope
         self._recorder = recorder
         self._cuda_graph = cuda_graph
         self._segments: BucketedSegment | None = None
@@ -147,14 +156,18 @@ class TritonEncoderPath:
                 recorder = cuda_graph_recorder
             if recorder is None:
                 return None
-            self._segments = BucketedSegment(self.fused.segment, self.buckets, recorder)
+            fn = self.fused.segment if self.graph_scope == "segment" else self.fused.forward
+            self._segments = BucketedSegment(fn, self.buckets, recorder)
         return self._segments
 
     @torch.no_grad()
     def __call__(self, pixel_values: Tensor) -> Tensor:
-        q = self.fused.query_states(pixel_values)  # [B, Nq, d]
-        runner = self._segment_runner(q.device)
-        return self.fused.segment(q) if runner is None else runner(q)  # [B, Nq, D]
+        runner = self._segment_runner(pixel_values.device)
+        if runner is None:
+            return self.fused(pixel_values)
+        if self.graph_scope == "full":
+            return runner(pixel_values)  # [B, Nq, D]
+        return runner(self.fused.query_states(pixel_values))  # [B, Nq, d] -> [B, Nq, D]
 
 
 def build_encoder_path(choice: EncoderBackendChoice | str, model: nn.Module, *, max_batch: int = 8, **options):
@@ -169,5 +182,5 @@ def build_encoder_path(choice: EncoderBackendChoice | str, model: nn.Module, *, 
     raise ValueError(f"unknown encoder backend {name!r}; choose one of {ENCODER_BACKENDS}")
 
 
-__all__ = ["BATCHING", "CaptionEmbedding", "CompiledEncoderPath", "EagerEncoderPath", "FusedEncoderPath",
+__all__ = ["BATCHING", "GRAPH_SCOPES", "CaptionEmbedding", "CompiledEncoderPath", "EagerEncoderPath", "FusedEncoderPath",
            "TritonEncoderPath", "build_encoder_path", "eager_recorder"]
