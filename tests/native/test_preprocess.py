@@ -288,3 +288,15 @@ def test_the_gil_is_released_while_resizing():
     assert len(inside) > 100, (len(inside), duration)
     gaps = np.diff([span["start"], *inside, span["end"]])
     assert gaps.max() < 0.5 * duration, (gaps.max(), duration)
+
+
+def test_resizing_does_not_import_torch():
+    # The batch decode workers resize through vlv_engine.native and must start fast.
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np, vlv_engine.native as n; "
+            "out = n.resize_batch([np.zeros((9, 7, 3), np.uint8)], 4); "
+            "print(out.shape, n.available(), 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "(1, 4, 4, 3) True False"
