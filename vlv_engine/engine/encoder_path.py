@@ -17,7 +17,11 @@ Three runners, one per backend (chosen by `vlv_engine.engine.encoder_select`):
   whole path (vision tower included) instead.
 
 None of them changes the model it is given: the fused modules share its parameters
-(and hold stacked copies of the q/k/v weights, taken when the runner is built).
+(and hold stacked copies of the q/k/v weights, taken when the runner is built: load
+new weights into the model, build a new runner). Batch invariance: eager is bit-exact
+whatever the batch; the compiled and Triton runners run a batch in its bucket's
+kernels, so an image's embedding agrees across batch sizes to rounding (the tests
+hold it to 1e-5), not bit for bit.
 """
 
 from __future__ import annotations

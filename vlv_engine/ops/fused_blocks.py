@@ -18,7 +18,8 @@ Parameters are shared with the original modules, never copied, except the stacke
 q/k/v weights: those are new tensors (buffers, not in any state dict) made at
 construction, so a fused module reflects the weights the model had when it was built.
 Inference only (the ops have no backward). No attention masks: this path has no
-padding (every image has the same number of tokens).
+padding (every image has the same number of tokens). BART's fp16 overflow clamp (inf
+hidden states clamped to the fp16 range) is not reproduced: finite inputs only.
 """
 
 from __future__ import annotations
