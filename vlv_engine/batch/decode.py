@@ -107,7 +107,13 @@ class _Worker:
         self.in_flight = 0
 
     def send(self, tasks: list[DecodeTask], size: int | None, max_pixels: int | None) -> None:
-        self.conn.send((tasks, size, max_pixels))
+        try:
+            self.conn.send((tasks, size, max_pixels))
+        except (BrokenPipeError, ConnectionResetError):
+            # It died and we have not read that yet: the batch counts as sent, and
+            # ``recv`` reports the death when this batch's turn comes, after any
+            # results it sent before dying.
+            pass
         self.in_flight += 1
 
     def recv(self) -> list[Decoded]:
