@@ -44,3 +44,17 @@ def crash_on_marker(tasks, size, max_pixels):
     if any("CRASH" in t.source.path for t in tasks):
         os._exit(3)
     return decode_batch(tasks, size, max_pixels)
+
+
+class CrashingEngineWorker:
+    """Stands in for ``ray_runner.EngineWorker`` in Ray actor-pool tests: each item's
+    outcome is its path, and a batch holding a file named CRASH kills the actor
+    process, as a decoder segfaulting on a hostile file would.  Shipped to Ray by
+    value (see test_ray), so workers need not import this module."""
+
+    def run(self, tasks):
+        from vlv_engine.batch.ray_runner import Outcome
+
+        if any("CRASH" in t.source.path for t in tasks):
+            os._exit(3)
+        return [Outcome(t.source.path) for t in tasks]

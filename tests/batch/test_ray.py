@@ -126,6 +126,30 @@ def test_killed_driver_resumes_with_nothing_lost_or_duplicated(cluster, tmp_path
     assert out.read_bytes() == reference.read_bytes()
 
 
+def test_an_actor_killed_by_a_file_costs_only_that_file(cluster, tmp_path):
+    import batch_helpers
+
+    from vlv_engine.batch.decode import WORKER_CRASHED, DecodeTask
+    from vlv_engine.batch.inputs import FileSource
+    from vlv_engine.batch.ray_runner import _ActorPool
+
+    ray.cloudpickle.register_pickle_by_value(batch_helpers)
+    remote = ray.remote(num_cpus=1)(batch_helpers.CrashingEngineWorker)
+    paths = [f"/data/{i}.png" for i in range(7)]
+    batches = [[DecodeTask(FileSource(p)) for p in paths[:2]],
+               [DecodeTask(FileSource(p)) for p in (paths[2], "/data/CRASH.png", paths[3])],
+               *[[DecodeTask(FileSource(p))] for p in paths[4:]]]
+    pool = _ActorPool(ray, remote.remote, 2)
+    try:
+        results = list(pool.map(iter(batches)))
+    finally:
+        pool.close()
+    assert [[(o.sha256, o.reason) for o in r] for r in results] == [
+        [(paths[0], None), (paths[1], None)],
+        [(paths[2], None), (None, WORKER_CRASHED), (paths[3], None)],
+        *[[(p, None)] for p in paths[4:]]]
+
+
 def test_without_ray_installed_the_job_says_how_to_get_it(engine, folder, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(UsageError, match=r"pip install 'vlv-engine\[ray\]'"):
