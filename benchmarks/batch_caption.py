@@ -1,7 +1,8 @@
 """Throughput of the batch captioner against the bare model, in one process.
 
-    python benchmarks/batch_caption.py [--preset nano] [--model DIR] [--n 512] [--batch-size 32]
+    python benchmarks/batch_caption.py [--preset nano] [--model DIR] [--n 1024] [--batch-size 32]
                                        [--workers 1] [--threads 1] [--repeats 2] [--profile]
+                                       [--self-check-steps 8] [--ray-actors 2]
 
 Reports images/s of
   * ``engine.caption`` on images decoded beforehand (the model alone, the reference),
@@ -9,6 +10,10 @@ Reports images/s of
   * ``vlv caption`` (``cli.main``, adding model load and worker start),
 each as the best of ``--repeats`` runs taken in turn (a shared machine's load moves
 between runs), with the ratio to the reference, the peak RSS and the machine.
+Optional rows, each run once: ``--self-check-steps N`` adds ``caption_dataset`` with
+the self-check (N redraw steps; the model then carries its diffusion decoder), and
+``--ray-actors N`` adds ``caption_dataset`` on a local Ray cluster of N engine actors
+(its start-up, which is seconds, included).
 
 Without ``--model`` the model is the ``--preset`` architecture (default nano, the
 bundled Shapes World model's) with random weights, saved to a temporary folder so
@@ -45,7 +50,7 @@ def _images(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def _random_engine(preset_name: str, folder: Path):
+def _random_engine(preset_name: str, folder: Path, with_diffusion: bool = False):
     import torch
 
     from vlv_engine import Engine
@@ -55,11 +60,11 @@ def _random_engine(preset_name: str, folder: Path):
 
     torch.manual_seed(0)
     config = preset(preset_name)
-    model = VLVModel.from_config(config, with_diffusion=False)
+    model = VLVModel.from_config(config, with_diffusion=with_diffusion)
     llm_tok, text_tok = tiny_tokenizers(config)
     engine = Engine(model.eval(), llm_tokenizer=llm_tok, text_tokenizer=text_tok)
     engine.save_pretrained(folder)
-    return Engine.from_pretrained(folder, load_diffusion=False)
+    return Engine.from_pretrained(folder, load_diffusion=with_diffusion)
 
 
 def _best(times: list[float], n: int) -> float:
@@ -70,12 +75,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model folder (default: the --preset architecture, random weights)")
     parser.add_argument("--preset", default="nano", help="architecture when no --model is given (tiny, nano)")
-    parser.add_argument("--n", type=int, default=512)
+    parser.add_argument("--n", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="cProfile one caption_dataset run")
+    parser.add_argument("--self-check-steps", type=int, default=0, help="add a self-check row (0: none)")
+    parser.add_argument("--ray-actors", type=int, default=0, help="add a Ray row with this many actors (0: none)")
     args = parser.parse_args()
     import torch
 
@@ -94,7 +101,7 @@ def main() -> None:
             engine = Engine.from_pretrained(args.model, load_diffusion=False)
         else:
             model_dir, what = str(tmp_path / "model"), f"{args.preset} architecture, random weights"
-            engine = _random_engine(args.preset, tmp_path / "model")
+            engine = _random_engine(args.preset, tmp_path / "model", with_diffusion=args.self_check_steps > 0)
         folder = tmp_path / "images"
         folder.mkdir()
         files = _images(folder, args.n)
@@ -126,6 +133,28 @@ def main() -> None:
         got = [json.loads(line)["caption"] for line in out.read_text().splitlines()]
         assert got == reference, "vlv caption wrote other captions than engine.caption"
 
+        extra: dict[str, float] = {}
+        if args.self_check_steps:
+            from vlv_engine.batch.selfcheck import SelfCheckOptions
+
+            t = time.perf_counter()
+            caption_dataset(engine, [str(folder)], JobOptions(out=tmp_path / "s.jsonl", batch_size=args.batch_size,
+                                                             workers=args.workers,
+                                                             self_check=SelfCheckOptions(steps=args.self_check_steps)))
+            extra[f"caption_dataset --self-check ({args.self_check_steps} steps)"] = \
+                args.n / (time.perf_counter() - t)
+        if args.ray_actors:
+            import ray
+
+            ray.init(num_cpus=args.ray_actors, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+            t = time.perf_counter()
+            caption_dataset(engine, [str(folder)], JobOptions(out=tmp_path / "r.jsonl", batch_size=args.batch_size,
+                                                             ray=True, ray_actors=args.ray_actors))
+            extra[f"caption_dataset on Ray, {args.ray_actors} actors"] = args.n / (time.perf_counter() - t)
+            ray.shutdown()
+            assert [json.loads(line)["caption"] for line in (tmp_path / "r.jsonl").read_text().splitlines()] \
+                == reference
+
         if args.profile:
             import cProfile
             import pstats
@@ -146,6 +175,8 @@ def main() -> None:
     print(f"  engine.caption, pre-decoded images : {model_ips:8.1f} images/s")
     print(f"  caption_dataset on the files       : {api_ips:8.1f} images/s ({api_ips / model_ips:.0%})")
     print(f"  vlv caption (incl. model load)     : {cli_ips:8.1f} images/s ({cli_ips / model_ips:.0%})")
+    for name, ips in extra.items():
+        print(f"  {name}: {ips:8.1f} images/s ({ips / model_ips:.0%})")
 
 
 if __name__ == "__main__":
