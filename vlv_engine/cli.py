@@ -115,6 +115,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
         print(f"vlv caption: {summary.total} items: {summary.captioned} captioned, {summary.reused} reused, "
               f"{summary.already_done} done before, {summary.failed} failed{where}; {summary.seconds:.1f} s, "
               f"{summary.images_per_second():.1f} images/s", file=sys.stderr)
+        if options.self_check:
+            print(f"vlv caption: the self-check flagged {summary.flagged} of the records written in this run "
+                  f"(self_check_score < {options.self_check.threshold})", file=sys.stderr)
     return EXIT_FAILURES if summary.failed else EXIT_OK
 
 

@@ -101,9 +101,10 @@ def test_scores_do_not_depend_on_batch_size_or_order(full_engine, images, tmp_pa
 
 
 def test_threshold_sets_the_flag(full_engine, images, tmp_path):
-    _run(full_engine, images, tmp_path / "all.jsonl", self_check=SelfCheckOptions(steps=2, threshold=1.0))
-    _run(full_engine, images, tmp_path / "none.jsonl", self_check=SelfCheckOptions(steps=2, threshold=0.0))
+    strict = _run(full_engine, images, tmp_path / "all.jsonl", self_check=SelfCheckOptions(steps=2, threshold=1.0))
+    lenient = _run(full_engine, images, tmp_path / "none.jsonl", self_check=SelfCheckOptions(steps=2, threshold=0.0))
     high, low = read_jsonl(tmp_path / "all.jsonl"), read_jsonl(tmp_path / "none.jsonl")
+    assert strict.flagged == sum(r["self_check_low"] for r in high) and lenient.flagged == 0
     assert [r["self_check_score"] for r in high] == [r["self_check_score"] for r in low]
     assert all(r["self_check_low"] for r in high if r["self_check_score"] < 1.0)
     assert not any(r["self_check_low"] for r in low)

@@ -96,6 +96,7 @@ class RunSummary:
     captioned: int = 0  # captions computed by the model in this run
     reused: int = 0  # written from earlier results (same bytes elsewhere, a lost output record)
     failed: int = 0  # items that are failed now (new, and earlier ones not retried)
+    flagged: int = 0  # records written in this run that the self-check flagged (self_check_low)
     seconds: float = 0.0
     paths: JobPaths | None = None
 

@@ -283,6 +283,7 @@ class _Run:
                 self.summary.reused += 1
             record = self._record(p.item, key, result)
             if result.status == DONE:
+                self.summary.flagged += bool(record.get("self_check_low"))
                 out_entries.append((p.item, record))
                 emitted[self.output.stream].append((p.item.item_id, key))
             else:
