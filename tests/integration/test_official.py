@@ -276,3 +276,12 @@ def test_from_official_takes_the_engine_options(release, images):
     assert engine.decoder == "reference"
     with pytest.raises(ValueError, match="unknown decoder"):
         Engine.from_official(stage2=release["stage2"], decoder="fast", **folders(release))
+    # The encoder backend and the decoder's quantization reach the engine too (checked at
+    # construction: a GPU-only scheme is refused on this CPU engine, naming the scheme).
+    from vlv_engine.engine.quantize import QuantizationError
+
+    with pytest.raises(QuantizationError, match="fp8"):
+        Engine.from_official(stage2=release["stage2"], stage1=release["stage1"], quantize="fp8", **folders(release))
+    with pytest.raises(ValueError, match="encoder"):
+        Engine.from_official(stage2=release["stage2"], stage1=release["stage1"], encoder_backend="fastest",
+                             **folders(release))

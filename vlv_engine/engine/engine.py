@@ -101,14 +101,16 @@ class Engine:
 
     @classmethod
     def from_official(cls, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                      decoder: str = "static", unet_backend: str = "eager", **paths: Any) -> "Engine":
+                      decoder: str = "static", unet_backend: str = "eager", encoder_backend: str = "eager",
+                      quantize: str | None = None, **paths: Any) -> "Engine":
         """Load the released checkpoints; `paths` are those of
         `vlv_engine.checkpoint.official.load_official` (stage2, stage1, florence2, ...)."""
         from vlv_engine.checkpoint.official import load_official
 
         loaded = load_official(dtype=dtype, **paths)
         return cls(loaded.model, llm_tokenizer=loaded.llm_tokenizer, text_tokenizer=loaded.text_tokenizer,
-                   device=device, dtype=dtype, decoder=decoder, unet_backend=unet_backend)
+                   device=device, dtype=dtype, decoder=decoder, unet_backend=unet_backend,
+                   encoder_backend=encoder_backend, quantize=quantize)
 
     def save_pretrained(self, path: str | Path) -> Path:
         from vlv_engine.checkpoint.folder import save_folder
