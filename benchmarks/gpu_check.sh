@@ -62,7 +62,7 @@ TESTS_RC=${PIPESTATUS[0]}
 echo "== 2. vlv bench --preset $PRESET on $DEVICE (limits ${BENCH_LIMIT}s and ${BENCH4_LIMIT}s)"
 if [ "$DEVICE" = cuda ]; then INT4=int4_weight_only; INT8=int8_weight_only; else INT4=int4_cpu; INT8=int8_dynamic; fi
 timeout "$BENCH_LIMIT" vlv bench --preset "$PRESET" --device "$DEVICE" --suites encoder decode e2e memory \
-  --batch-sizes $BATCHES --new-tokens "$TOKENS" --repeats 2 --latency-repeats 3 --memory-batch 8 \
+  --batch-sizes $BATCHES --e2e-batch-sizes 1 8 --new-tokens "$TOKENS" --repeats 2 --latency-repeats 3 --memory-batch 8 \
   --decode-schemes "$INT8" "$INT4" --time-limit $((BENCH_LIMIT - 150)) --out "$OUT/bf16" "${FAST[@]}" \
   > "$OUT/bench_bf16.txt" 2> "$OUT/bench_bf16.err"
 BENCH_RC=$?

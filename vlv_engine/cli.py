@@ -245,6 +245,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from vlv_engine.bench import BenchOptions, run_bench
 
     opts = BenchOptions(preset=args.preset, suites=tuple(args.suites), batch_sizes=tuple(args.batch_sizes),
+                        e2e_batch_sizes=tuple(args.e2e_batch_sizes) if args.e2e_batch_sizes else None,
                         out=Path(args.out) if args.out else None, device=args.device, fast_dtype=args.fast_dtype,
                         quantize=args.quantize, decode_schemes=tuple(args.decode_schemes),
                         compile_decoder=not args.no_compile, encoder_backend=args.encoder_backend,
@@ -399,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suites", nargs="+", default=["encoder", "decode", "e2e"],
                    choices=["encoder", "decode", "e2e", "memory", "unet", "preprocess"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--e2e-batch-sizes", nargs="+", type=int, help="batch sizes of the e2e suite (default: "
+                                                                    "--batch-sizes)")
     p.add_argument("--out", help="folder for bench_PRESET.json and bench_PRESET.png")
     p.add_argument("--device", default="cpu")
     p.add_argument("--fast-dtype", choices=["float32", "bfloat16", "float16"],

@@ -19,6 +19,7 @@ class BenchOptions:
     preset: str = "nano"
     suites: tuple[str, ...] = ("encoder", "decode", "e2e")
     batch_sizes: tuple[int, ...] = (1, 8)
+    e2e_batch_sizes: tuple[int, ...] | None = None  # default: batch_sizes
     out: Path | None = None
     device: str = "cpu"
     fast_dtype: str | None = None  # default: float32 on a CPU, bfloat16 on CUDA
@@ -56,7 +57,7 @@ def run_bench(opts: BenchOptions, log=lambda msg: None) -> BenchResult:
     unknown = set(opts.suites) - set(SUITES)
     if unknown:
         raise ValueError(f"unknown suite(s) {sorted(unknown)}; choose from {SUITES}")
-    if not opts.batch_sizes or min(opts.batch_sizes) < 1:
+    if not opts.batch_sizes or min(opts.batch_sizes) < 1 or min(opts.e2e_batch_sizes or (1,)) < 1:
         raise ValueError(f"batch sizes must be positive integers, got {opts.batch_sizes}")
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -135,7 +136,8 @@ def _run_suite(suite, opts, setup, device, batches, bandwidth, fast_dtype) -> li
     if suite == "e2e":
         from vlv_engine.bench.e2e import run_e2e
 
-        return run_e2e(setup, batches, repeats=opts.repeats, latency_repeats=opts.latency_repeats)
+        e2e_batches = sorted(set(opts.e2e_batch_sizes)) if opts.e2e_batch_sizes else batches
+        return run_e2e(setup, e2e_batches, repeats=opts.repeats, latency_repeats=opts.latency_repeats)
     if suite == "memory":
         from vlv_engine.bench.memory import run_memory
         from vlv_engine.bench.pipelines import PRESET_DEFAULTS
