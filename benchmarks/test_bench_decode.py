@@ -37,7 +37,8 @@ def test_decode(benchmark, bench_setup, batch, path):
                              kwargs={"eos_token_id": bench_setup.never_eos, "pad_token_id": 0},
                              rounds=5, warmup_rounds=1)
     assert out.shape == (batch, TOKENS)
-    benchmark.extra_info["tokens_per_s"] = batch * TOKENS / benchmark.stats.stats.median
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["tokens_per_s"] = batch * TOKENS / benchmark.stats.stats.median
     if path == "fast" and bench_setup.notes["quantize"] == "none" and bench_setup.notes["fast_dtype"] == "float32":
         ref = bench_setup.reference_decoder.generate(prefix, gen, eos_token_id=bench_setup.never_eos, pad_token_id=0)
         assert torch.equal(out, ref)  # unquantized fp32: the reference's tokens exactly
