@@ -27,16 +27,7 @@ import os
 import platform
 import time
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from vlv_engine.bench.machine import cpu_name
 
 
 def _models(names, small_layers, small_vocab=None):
@@ -111,7 +102,7 @@ def main() -> None:
                     ms[batch] = _step_ms(decoders[path], prefix, *args.tokens, args.repeats)
                 rows.append((label, weight_bytes, path, ms))
 
-    print(f"machine: {_cpu_name()}, {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    print(f"machine: {cpu_name()}, {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{args.threads} thread(s); load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(f"greedy, fp32, ms per decode step = (t({args.tokens[1]}) - t({args.tokens[0]})) / "
           f"{args.tokens[1] - args.tokens[0]} new tokens, best of {args.repeats}")

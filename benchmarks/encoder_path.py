@@ -29,16 +29,7 @@ import platform
 import resource
 import time
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from vlv_engine.bench.machine import cpu_name
 
 
 def _model(preset_name: str):
@@ -137,7 +128,7 @@ def main() -> None:
             err = ((outs[name].float() - ref).abs().max() / ref.abs().max()).item()
             rows.append((name, b, first[name], best[name] * 1000, best["eager"] / best[name], err, peak[name]))
 
-    print(f"machine: {_cpu_name()}, {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    print(f"machine: {cpu_name()}, {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s)"
           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
           + f"; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")

@@ -243,15 +243,10 @@ def vae_accuracy(model_dir: Path, n: int = 100) -> dict[str, float]:
 
 
 def machine() -> dict[str, Any]:
+    from vlv_engine.bench.machine import cpu_name
+
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu_threads": torch.get_num_threads()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+            "cpu_threads": torch.get_num_threads(), "cpu": cpu_name()}
     return info
 
 
