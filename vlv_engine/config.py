@@ -78,9 +78,10 @@ class DiffusionConfig:
     scheduler: dict[str, Any]  # must hold "_class_name"
     guidance_scale: float = 2.0
     num_inference_steps: int = 50
-    # Extra UNet input channels holding the (x, y) coordinates of each latent pixel. A
-    # small convolutional UNet barely knows where it is in the image, so it cannot tie
-    # "top left" in its conditioning to a place; SD-2.1 does not need them (0).
+    # Extra UNet input channels holding the (x, y) coordinates of each latent pixel (2),
+    # optionally with sine/cosine octaves of each (2 + 4k). A small convolutional UNet
+    # barely knows where it is in the image, so it cannot tie "top left" in its
+    # conditioning to a place; SD-2.1 does not need them (0).
     coord_channels: int = 0
 
 
@@ -303,13 +304,15 @@ def _nano() -> VLVConfig:
         diffusion=DiffusionConfig(
             unet={
                 "sample_size": 16,
-                "in_channels": 6,  # 4 latent + 2 coordinate channels
+                "in_channels": 18,  # 4 latent + 14 coordinate channels
                 "out_channels": 4,
                 "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
                 "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
                 "block_out_channels": [32, 64],
                 "layers_per_block": 1,
-                "attention_head_dim": 8,
+                # diffusers reads this as the number of heads: one 32-wide head per block.
+                # Eight 4-wide heads (the old setting) learned colour but never position.
+                "attention_head_dim": [1, 2],
                 "norm_num_groups": 16,
                 "cross_attention_dim": 64,
             },
@@ -325,9 +328,13 @@ def _nano() -> VLVConfig:
                 "sample_size": 64,
                 "scaling_factor": 1.0,
             },
-            scheduler={**_ddpm(), "beta_schedule": "squaredcos_cap_v2"},
+            # v-prediction, unweighted: its loss is the x0 error plus the noise error, so the
+            # high-noise steps that decide the layout still count. With epsilon (or min-SNR)
+            # their weight is the SNR (~0.1 where the layout is set), and a teacher learned
+            # colour but never position in 2,500 steps.
+            scheduler={**_ddpm(), "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"},
             num_inference_steps=50,
-            coord_channels=2,
+            coord_channels=14,  # x, y and three Fourier octaves of each
         ),
         generation=GenerationConfig(max_new_tokens=40, num_beams=1),
     )

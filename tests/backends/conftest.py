@@ -55,13 +55,13 @@ def tiny_decoder():
 
 @pytest.fixture(scope="session")
 def coord_decoder():
-    """A tiny decoder whose UNet takes 2 extra coordinate channels (like the nano preset)."""
+    """A tiny decoder whose UNet takes coordinate channels (x, y and one Fourier octave)."""
     from vlv_engine.config import preset
     from vlv_engine.models import DiffusionDecoder
 
     cfg = copy.deepcopy(preset("tiny").diffusion)
-    cfg.unet["in_channels"] = 6
-    cfg.coord_channels = 2
+    cfg.unet["in_channels"] = 10
+    cfg.coord_channels = 6
     torch.manual_seed(1)
     return DiffusionDecoder.from_config(cfg).eval()
 

@@ -28,8 +28,9 @@ def test_unet_contract_shapes_and_profile(tiny_unet):
 
 def test_coordinate_channels_are_inside_the_module_not_in_the_contract():
     nano = preset("nano")
-    c = unet_contract(nano.diffusion.unet, coord_channels=2, num_queries=nano.encoder.num_queries, max_batch=8)
-    assert nano.diffusion.unet["in_channels"] == 6
+    coords = nano.diffusion.coord_channels
+    c = unet_contract(nano.diffusion.unet, coord_channels=coords, num_queries=nano.encoder.num_queries, max_batch=8)
+    assert nano.diffusion.unet["in_channels"] == 4 + coords
     assert c.inputs[0].shape == ("batch", 4, 16, 16)  # the plain latent
     assert c.inputs[2].shape == ("batch", 16, 64)
     assert c.outputs[0].shape == ("batch", 4, 16, 16)

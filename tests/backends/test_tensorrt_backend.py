@@ -17,7 +17,7 @@ from vlv_engine.engine.backends.contract import ContractError, unet_contract
 
 @pytest.fixture
 def contract():
-    return unet_contract(preset("nano").diffusion.unet, coord_channels=2, num_queries=16, max_batch=4)
+    return unet_contract(preset("nano").diffusion.unet, coord_channels=14, num_queries=16, max_batch=4)
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_profile_comes_from_the_contract(contract):
 def test_engine_cache_key_changes_with_every_component(contract):
     key = cache.key_of(_parts(contract))
     assert cache.key_of(_parts(contract)) == key
-    other_contract = unet_contract(preset("nano").diffusion.unet, coord_channels=2, num_queries=16, max_batch=8)
+    other_contract = unet_contract(preset("nano").diffusion.unet, coord_channels=14, num_queries=16, max_batch=8)
     variants = [
         _parts(contract, onnx_key="b" * 64),  # weights / config / contract / opset / torch (via the ONNX key)
         _parts(contract, trt_version="10.10.0"),

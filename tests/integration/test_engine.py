@@ -159,6 +159,27 @@ def test_coordinate_channels_tell_the_unet_where_it_is():
         DiffusionDecoder.from_config(type(cfg)(**{**cfg.__dict__, "coord_channels": 2}))
 
 
+def test_fourier_coordinate_channels_add_octaves_of_each_axis():
+    import math
+
+    from vlv_engine.models.diffusion import coordinate_grid
+
+    grid = coordinate_grid(torch.zeros(1, 4, 6, 8), channels=10)  # x, y + 2 octaves
+    assert grid.shape == (1, 10, 6, 8)
+    x, y = grid[0, 0], grid[0, 1]
+    assert torch.allclose(grid[0, 2], torch.sin(math.pi * x))
+    assert torch.allclose(grid[0, 5], torch.cos(math.pi * y))
+    assert torch.allclose(grid[0, 6], torch.sin(2 * math.pi * x), atol=1e-6)
+    assert torch.allclose(grid[0, 9], torch.cos(2 * math.pi * y), atol=1e-6)
+    # Every latent position gets a distinct code, so attention can single out a place.
+    codes = grid[0].flatten(1).T
+    assert torch.cdist(codes, codes).add(torch.eye(48) * 10).min() > 0.1
+    assert coordinate_grid(torch.zeros(1, 4, 6, 8, dtype=torch.float16), channels=6).dtype == torch.float16
+    for bad in (1, 3, 4, 8, -2):
+        with pytest.raises(ValueError, match="coord_channels"):
+            coordinate_grid(torch.zeros(1, 4, 2, 2), channels=bad)
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])
 def test_samplers_are_reproducible(tiny, rgb_images, sampler):
     a = tiny.reconstruct(rgb_images[:2], steps=3, seed=4, sampler=sampler)

@@ -24,8 +24,8 @@ def test_vocabulary_and_context_fit_every_caption():
 def test_config_is_consistent():
     config = nano.nano_config()
     assert config.encoder.num_queries == config.bottleneck.text_encoder["max_position_embeddings"]
-    assert config.diffusion.coord_channels == 2
-    assert config.diffusion.unet["in_channels"] == config.diffusion.vae["latent_channels"] + 2
+    assert config.diffusion.coord_channels == 14
+    assert config.diffusion.unet["in_channels"] == config.diffusion.vae["latent_channels"] + 14
 
 
 def test_phase_overrides_apply_to_their_phase_only(tmp_path):

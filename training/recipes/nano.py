@@ -101,11 +101,11 @@ PHASE_SETTINGS: dict[str, dict[str, Any]] = {
     "vae": {"steps": 800, "batch_size": 32, "optim": {"lr": 1e-3, "warmup_steps": 50, "min_lr_ratio": 0.1,
                                                      "weight_decay": 0.0},
             "data": {"num_samples": 200_000, "seed": 1}, "save_every": 200},
-    "teacher": {"steps": 20_000, "batch_size": 64, "loss_weighting": "min_snr", "caption_dropout": 0.1,
+    "teacher": {"steps": 20_000, "batch_size": 64, "loss_weighting": "none", "caption_dropout": 0.1,
                 "latent_sampling": "mode",
                 "optim": {"lr": 1e-3, "warmup_steps": 500, "min_lr_ratio": 0.1, "weight_decay": 0.0},
                 "data": {"num_samples": 100_000, "seed": 2}, "save_every": 500},
-    "stage1": {"steps": 20_000, "batch_size": 64, "loss_weighting": "min_snr", "latent_sampling": "mode",
+    "stage1": {"steps": 20_000, "batch_size": 64, "loss_weighting": "none", "latent_sampling": "mode",
                # The nano Florence-2 starts random, so its vision tower trains too (the
                # paper's is pretrained and frozen).
                "trainable": ["florence_vision", "florence_language", "queries", "language_proj"],
@@ -153,8 +153,27 @@ def calibrate_latent_scale(root: Path, n: int = 2048, seed: int = 5) -> float:
 
 
 def init_dir(root: Path, phase: str) -> Path:
+    if phase == "teacher":
+        return root / "teacher_init"
     source = INIT_FROM[phase]
     return root / "init" if source == "init" else root / source / "model"
+
+
+def teacher_init(root: Path, seed: int = 1) -> Path:
+    """The teacher's starting folder: the trained, calibrated VAE with every other part
+    fresh from the recipe's current config. So the teacher's architecture can change
+    without retraining the VAE, and the VAE phase's untouched random parts never leak in."""
+    path = root / "teacher_init"
+    if (path / "vlv.json").is_file():
+        return path
+    vae_model = load_folder(root / "vae" / "model", load_caption_decoder=False).model
+    config = nano_config()
+    config.diffusion.vae = dict(config.diffusion.vae, scaling_factor=vae_model.diffusion.scaling_factor)
+    torch.manual_seed(seed)
+    model = VLVModel.from_config(config)
+    model.diffusion.vae.load_state_dict(vae_model.diffusion.vae.state_dict())
+    llm_tok, text_tok = tokenizers()
+    return save_folder(path, model, llm_tokenizer=llm_tok, text_tokenizer=text_tok)
 
 
 def phase_done(root: Path, phase: str) -> bool:
@@ -268,6 +287,7 @@ def run(root: Path, phases: list[str], *, max_minutes: float | None, overrides: 
             raise RuntimeError(f"phase {phase} needs {needs} to finish first")
         if phase == "teacher":
             calibrate_latent_scale(root)
+            teacher_init(root)
         cfg = phase_config(phase, root, overrides)
         if deadline is not None:
             cfg.max_minutes = max(0.0, (deadline - time.monotonic()) / 60)

@@ -7,6 +7,7 @@ batched UNet call), then decodes them with the VAE.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -29,12 +30,30 @@ def scheduler_from_config(config: dict) -> SchedulerMixin:
     return cls.from_config(config)
 
 
-def coordinate_grid(like: torch.Tensor) -> torch.Tensor:
-    """[B, 2, h, w]: x and y of each position, in [-1, 1] (pixel centres)."""
+def check_coord_channels(channels: int) -> int:
+    """0 (none), 2 (x, y) or 2 + 4k (x, y and k sine/cosine octaves of each)."""
+    if channels < 0 or (channels and (channels < 2 or (channels - 2) % 4)):
+        raise ValueError(f"coord_channels must be 0, 2 or 2 + 4k (x, y plus k Fourier octaves), got {channels}")
+    return channels
+
+
+def coordinate_grid(like: torch.Tensor, channels: int = 2) -> torch.Tensor:
+    """[B, channels, h, w]: x and y of each position in [-1, 1] (pixel centres), then
+    sin/cos(2^i * pi * x) and sin/cos(2^i * pi * y) for i < (channels - 2) / 4.
+
+    The octaves give attention queries localised features: from x and y alone a dot
+    product can only prefer a half-plane, so tying "top left" to one cell of the grid
+    takes many layers; with the octaves it is one linear map."""
+    check_coord_channels(channels)
     b, _, h, w = like.shape
-    ys = (torch.arange(h, device=like.device, dtype=like.dtype) + 0.5) * (2.0 / h) - 1.0
-    xs = (torch.arange(w, device=like.device, dtype=like.dtype) + 0.5) * (2.0 / w) - 1.0
-    grid = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w)])  # [2, h, w]
+    ys = (torch.arange(h, device=like.device, dtype=torch.float32) + 0.5) * (2.0 / h) - 1.0
+    xs = (torch.arange(w, device=like.device, dtype=torch.float32) + 0.5) * (2.0 / w) - 1.0
+    x, y = xs.expand(h, w), ys[:, None].expand(h, w)
+    planes = [x, y]
+    for i in range((channels - 2) // 4):
+        f = math.pi * 2.0 ** i
+        planes += [torch.sin(f * x), torch.cos(f * x), torch.sin(f * y), torch.cos(f * y)]
+    grid = torch.stack(planes).to(like.dtype)  # [channels, h, w]
     return grid.expand(b, -1, -1, -1)
 
 
@@ -49,8 +68,7 @@ class DiffusionDecoder(nn.Module):
         self.unet = unet
         self.vae = vae
         self.scheduler = scheduler
-        if coord_channels not in (0, 2):
-            raise ValueError(f"coord_channels must be 0 or 2, got {coord_channels}")
+        check_coord_channels(coord_channels)
         if unet.config.in_channels != vae.config.latent_channels + coord_channels:
             raise ValueError(f"UNet in_channels {unet.config.in_channels} != VAE latent channels "
                              f"{vae.config.latent_channels} + coord_channels {coord_channels}")
@@ -119,7 +137,7 @@ class DiffusionDecoder(nn.Module):
         if self._unet_runner is not None:
             return self._unet_runner(latents, t, context)  # coordinate channels are the runner's job
         if self.coord_channels:
-            latents = torch.cat([latents, coordinate_grid(latents)], dim=1)  # [B, C + 2, h, w]
+            latents = torch.cat([latents, coordinate_grid(latents, self.coord_channels)], dim=1)
         return self.unet(latents, t, encoder_hidden_states=context).sample
 
     @torch.no_grad()

@@ -244,7 +244,7 @@ class UNetStep(nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         if self.coord_channels:
-            sample = torch.cat([sample, coordinate_grid(sample)], dim=1)  # [B, C + 2, h, w]
+            sample = torch.cat([sample, coordinate_grid(sample, self.coord_channels)], dim=1)
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
 
 
