@@ -30,7 +30,7 @@ def test_config_is_consistent():
 
 def test_phase_overrides_apply_to_their_phase_only(tmp_path):
     cfg = nano.phase_config("teacher", tmp_path, ["teacher.steps=5", "stage1.steps=7", "teacher.optim.lr=0.01"])
-    assert cfg.steps == 5 and cfg.optim.lr == 0.01 and cfg.init == str(tmp_path / "vae" / "model")
+    assert cfg.steps == 5 and cfg.optim.lr == 0.01 and cfg.init == str(tmp_path / "teacher_init")
     assert nano.phase_config("stage1", tmp_path, ["teacher.steps=5", "stage1.steps=7"]).steps == 7
 
 
@@ -55,6 +55,20 @@ def test_micro_recipe_produces_a_captioning_model(micro_run):
     assert engine.reconstruct([image], steps=2)[0].size == (64, 64)
     log = [json.loads(line) for line in (root / "recipe_log.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in log] == list(nano.PHASES) and "cpu_threads" in log[0]["machine"]
+
+
+def test_teacher_starts_from_the_trained_vae_and_a_fresh_unet(micro_run):
+    from vlv_engine.checkpoint.folder import load_folder
+
+    root, _ = micro_run
+    start = load_folder(root / "teacher_init", load_caption_decoder=False).model
+    vae = load_folder(root / "vae" / "model", load_caption_decoder=False).model
+    s, v = start.diffusion.vae.state_dict(), vae.diffusion.vae.state_dict()
+    assert all(torch.equal(s[k], v[k]) for k in v)
+    assert start.diffusion.scaling_factor == vae.diffusion.scaling_factor != 1.0  # calibrated
+    # The UNet is the current config's, not whatever the VAE phase's folder carried along.
+    assert start.config.diffusion.unet == nano.nano_config().diffusion.unet
+    assert start.diffusion.scheduler.config.prediction_type == "v_prediction"
 
 
 def test_ablation_trains_stage2_on_the_untrained_encoder(micro_run):
