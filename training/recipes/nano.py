@@ -101,7 +101,7 @@ PHASE_SETTINGS: dict[str, dict[str, Any]] = {
     "vae": {"steps": 800, "batch_size": 32, "optim": {"lr": 1e-3, "warmup_steps": 50, "min_lr_ratio": 0.1,
                                                      "weight_decay": 0.0},
             "data": {"num_samples": 200_000, "seed": 1}, "save_every": 200},
-    "teacher": {"steps": 4_000, "batch_size": 64, "loss_weighting": "none", "caption_dropout": 0.1,
+    "teacher": {"steps": 3_000, "batch_size": 64, "loss_weighting": "none", "caption_dropout": 0.1,
                 "latent_sampling": "mode",
                 "optim": {"lr": 1e-3, "warmup_steps": 500, "min_lr_ratio": 0.1, "weight_decay": 0.0},
                 "data": {"num_samples": 100_000, "seed": 2}, "save_every": 500},
