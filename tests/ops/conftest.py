@@ -10,7 +10,6 @@ only Triton builtins (test_runtime.py checks this in a fresh process).
 import os
 
 import pytest
-from ops_helpers import HAS_TRITON
 
 _SWITCHES = ("TRITON_INTERPRET", "VLV_TRITON_ON_CPU")
 
@@ -21,22 +20,6 @@ def _environment_is_restored():
     before = {k: os.environ.get(k) for k in _SWITCHES}
     yield
     assert {k: os.environ.get(k) for k in _SWITCHES} == before
-
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    """CPU tensors go through the Triton kernels, run by Triton's interpreter."""
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed (pip install -e .[triton])")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("VLV_TRITON_ON_CPU", "1")
-
-
-@pytest.fixture
-def reference_path(monkeypatch):
-    """CPU tensors take the plain-PyTorch reference, whatever the caller's shell set."""
-    monkeypatch.delenv("VLV_TRITON_ON_CPU", raising=False)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
 @pytest.fixture
