@@ -89,13 +89,15 @@ def test_report_measures_finished_phases_and_bundle_carries_it(micro_run, tmp_pa
     root, _ = micro_run
     result = nano.report(root, num=6, recon_num=2, recon_steps=(2,), teacher_n=2)
     checks = result["checks"]
-    assert set(checks) >= {"vae", "teacher", "stage2", "ablation", "latent_scale"}
+    assert set(checks) >= {"vae", "teacher", "stage1", "stage2", "ablation", "latent_scale"}
+    assert checks["stage1"]["n"] == 2 and 0.0 <= checks["stage1"]["color_and_cell"] <= 1.0
     assert set(checks["stage2"]["reconstruction"]) == {"dpm_2", "ddpm_50"}
     assert checks["stage2"]["caption"]["n"] == 6 and "reconstruction" not in checks["ablation"] or \
         checks["ablation"]["reconstruction"] is None
     assert all(result["phases"][p]["complete"] for p in nano.PHASES)
     text = (root / "REPORT.md").read_text()
     assert "| stage1 | 2 |" in text and "Ablation: stage 1 skipped" in text and "Machine:" in text
+    assert "Stage 1: held-out single objects redrawn" in text
     dest = nano.bundle(root, tmp_path / "bundled")
     assert (dest / "vlv.json").is_file() and (dest / "REPORT.md").is_file() and (dest / "loss_stage2.png").is_file()
     with pytest.raises(RuntimeError, match="MB"):

@@ -105,7 +105,7 @@ PHASE_SETTINGS: dict[str, dict[str, Any]] = {
                 "latent_sampling": "mode",
                 "optim": {"lr": 1e-3, "warmup_steps": 500, "min_lr_ratio": 0.1, "weight_decay": 0.0},
                 "data": {"num_samples": 100_000, "seed": 2}, "save_every": 500},
-    "stage1": {"steps": 4_000, "batch_size": 64, "loss_weighting": "none", "latent_sampling": "mode",
+    "stage1": {"steps": 3_000, "batch_size": 64, "loss_weighting": "none", "latent_sampling": "mode",
                # The nano Florence-2 starts random, so its vision tower trains too (the
                # paper's is pretrained and frozen).
                "trainable": ["florence_vision", "florence_language", "queries", "language_proj"],
@@ -243,6 +243,22 @@ def teacher_accuracy(root_or_model: Path, n: int = 60, steps: int = 20, guidance
 
 
 @torch.no_grad()
+def stage1_accuracy(root_or_model: Path, n: int = 60, steps: int = 20, seed: int = 1) -> dict[str, float]:
+    """Does stage 1's embedding carry the scene? Held-out single objects -> encoder ->
+    frozen teacher (DPM-Solver++, the model's guidance scale) -> colour and cell read back.
+    Takes a model folder, or a recipe root (then stage 1's latest checkpoint counts)."""
+    from vlv_engine import Engine
+    from vlv_engine.evaluation import EVAL_SEED, eval_scenes, reconstruction_accuracy
+
+    path = Path(root_or_model)
+    loaded = (load_folder(path, load_caption_decoder=False) if (path / "vlv.json").is_file()
+              else phase_model(path, "stage1"))
+    engine = Engine(loaded.model, text_tokenizer=loaded.text_tokenizer)
+    scenes = eval_scenes(n, EVAL_SEED + seed, num_objects=1)
+    return reconstruction_accuracy(engine, scenes, steps=steps, sampler="dpm")
+
+
+@torch.no_grad()
 def vae_accuracy(model_dir: Path, n: int = 100) -> dict[str, float]:
     """Colour and cell read back from VAE reconstructions of held-out single objects."""
     from vlv_engine.evaluation import EVAL_SEED, eval_scenes
@@ -353,6 +369,8 @@ def report(root: Path, *, num: int = 500, recon_num: int = 100, recon_steps: tup
             result["checks"]["latent_scale"] = json.loads(scale.read_text())
     if phase_done(root, "teacher") or records.get("teacher"):
         result["checks"]["teacher"] = teacher_accuracy(root, n=teacher_n)
+    if phase_done(root, "stage1") or records.get("stage1"):
+        result["checks"]["stage1"] = stage1_accuracy(root, n=teacher_n)
     for phase in ("stage2", "ablation"):
         if phase_done(root, phase):
             rn = recon_num if phase == "stage2" else 0
@@ -404,6 +422,11 @@ def render_report(result: dict[str, Any]) -> str:
         lines.append(f"- Teacher draws what its caption asks (single objects, DPM 20 steps, CFG 3): colour "
                      f"{_pct(t['color'])}, cell {_pct(t['cell'])}, both {_pct(t['color_and_cell'])} "
                      f"(n={int(t['n'])}; chance for the cell: 11 %).")
+    if "stage1" in checks:
+        t = checks["stage1"]
+        lines.append(f"- Stage 1: held-out single objects redrawn by the frozen teacher from their caption "
+                     f"embedding (DPM 20 steps): colour {_pct(t['color'])}, cell {_pct(t['cell'])}, both "
+                     f"{_pct(t['color_and_cell'])} (n={int(t['n'])}).")
     for phase, label in (("stage2", "Full recipe"), ("ablation", "Ablation: stage 1 skipped")):
         if phase in checks:
             c = checks[phase]
@@ -445,7 +468,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--phases", default=",".join(PHASES))
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
     parser.add_argument("--set", action="append", default=[], metavar="PHASE.FIELD=VALUE")
-    parser.add_argument("--check", choices=["vae", "teacher"], help="measure a finished phase and exit")
+    parser.add_argument("--check", choices=["vae", "teacher", "stage1"],
+                        help="measure a phase (its latest checkpoint while it trains) and exit")
     parser.add_argument("--report", action="store_true", help="measure the finished phases, write REPORT.md")
     parser.add_argument("--bundle", action="store_true", help="copy the finished model into the package")
     parser.add_argument("--quiet", action="store_true")
@@ -463,6 +487,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.check == "teacher":
         print(json.dumps(teacher_accuracy(args.root)))
+        return
+    if args.check == "stage1":
+        print(json.dumps(stage1_accuracy(args.root)))
         return
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     unknown = set(phases) - set(PHASES)
