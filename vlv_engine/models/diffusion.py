@@ -41,9 +41,9 @@ def coordinate_grid(like: torch.Tensor, channels: int = 2) -> torch.Tensor:
     """[B, channels, h, w]: x and y of each position in [-1, 1] (pixel centres), then
     sin/cos(2^i * pi * x) and sin/cos(2^i * pi * y) for i < (channels - 2) / 4.
 
-    The octaves give attention queries localised features: from x and y alone a dot
-    product can only prefer a half-plane, so tying "top left" to one cell of the grid
-    takes many layers; with the octaves it is one linear map."""
+    The octaves give attention queries localised features: from x and y alone one dot
+    product can only prefer a half-plane of the image, not a cell of it. (The nano
+    teacher's position learning came mainly from v-prediction; see the nano preset.)"""
     check_coord_channels(channels)
     b, _, h, w = like.shape
     ys = (torch.arange(h, device=like.device, dtype=torch.float32) + 0.5) * (2.0 / h) - 1.0
