@@ -108,11 +108,11 @@ def _extensions() -> list[Extension]:
         # A module left in the source tree by an earlier editable install would
         # still be imported: remove it, so that the install really has none.
         suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-        for name in ("_preprocess", "_preprocess_cuda"):
+        for name in ("_preprocess", "_gemv", "_preprocess_cuda"):
             (ROOT / "vlv_engine" / "native" / f"{name}{suffix}").unlink(missing_ok=True)
         print("VLV_NATIVE=0: not building the native extension", file=sys.stderr)
         return []
-    modules = [CMakeExtension("vlv_engine.native._preprocess")]
+    modules = [CMakeExtension("vlv_engine.native._preprocess"), CMakeExtension("vlv_engine.native._gemv")]
     if _flag("VLV_NATIVE_CUDA", False):
         modules.append(CMakeExtension("vlv_engine.native._preprocess_cuda"))
     return modules

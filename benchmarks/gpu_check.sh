@@ -8,7 +8,10 @@
 # 2. `vlv bench --preset paper` on the GPU: encoder (batch 1..64), decode (bf16 at batch
 #    1..64, int8 and int4 at batch 1), e2e at 300 tokens and 4 beams in bf16 and with an
 #    int4 decoder, peak memory; each beside the fp32 reference in the same run;
-# 3. a table of the issue's H100 targets against the measured numbers.
+# 3. the diffusion side: `vlv bench --preset paper --suites unet preprocess`: an SD-2.1-base
+#    UNet step at 512 px with CFG (batch 2, fp16) on TensorRT (else torch.compile) beside
+#    eager, a 50-step reconstruction, and the native preprocessing (CUDA kernels if built);
+# 4. a table of the caption and diffusion issues' H100 targets against the measured numbers.
 # It installs nothing (the environment must already hold `pip install -e ".[dev]"`
 # with a CUDA torch) and stays within ~20 minutes (each step has a time limit).
 # --dry-run runs the same steps on the CPU with the nano preset (the CUDA tests skip):
@@ -40,10 +43,10 @@ if [ "$DRY" = 0 ]; then
     exit 3
   fi
   DEVICE=cuda; PRESET=paper; BATCHES="1 8 64"; TOKENS=300; MARK="slow or not slow"; FAST=()
-  TESTS_LIMIT=420; BENCH_LIMIT=480; BENCH4_LIMIT=300  # 20 minutes in all
+  TESTS_LIMIT=360; BENCH_LIMIT=420; BENCH4_LIMIT=210; UNET_LIMIT=210  # 20 minutes in all
 else  # CPU, nano, eager: checks the plumbing in a few minutes
   DEVICE=cpu; PRESET=nano; BATCHES="1 2"; TOKENS=8; MARK="not slow"; FAST=(--no-compile --encoder-backend eager)
-  TESTS_LIMIT=600; BENCH_LIMIT=600; BENCH4_LIMIT=600
+  TESTS_LIMIT=600; BENCH_LIMIT=600; BENCH4_LIMIT=600; UNET_LIMIT=600
 fi
 "$PY" - <<'PY'
 import torch, platform
@@ -73,19 +76,26 @@ timeout "$BENCH4_LIMIT" vlv bench --preset "$PRESET" --device "$DEVICE" --suites
 BENCH4_RC=$?
 cat "$OUT/bench_int4.txt"; [ "$BENCH4_RC" = 0 ] || tail -n 5 "$OUT/bench_int4.err"
 
-# 3. targets -----------------------------------------------------------------
-echo "== 3. summary"
-"$PY" - "$OUT" "$TESTS_RC" "$BENCH_RC" "$BENCH4_RC" "$PRESET" <<'PY'
+# 3. diffusion: UNet backends and preprocessing ----------------------------------
+echo "== 3. vlv bench --preset $PRESET --suites unet preprocess on $DEVICE (limit ${UNET_LIMIT}s)"
+timeout "$UNET_LIMIT" vlv bench --preset "$PRESET" --device "$DEVICE" --suites unet preprocess --batch-sizes 2 32 \
+  --repeats 5 --time-limit $((UNET_LIMIT - 60)) --out "$OUT/unet" > "$OUT/bench_unet.txt" 2> "$OUT/bench_unet.err"
+UNET_RC=$?
+cat "$OUT/bench_unet.txt"; [ "$UNET_RC" = 0 ] || tail -n 5 "$OUT/bench_unet.err"
+
+# 4. targets -----------------------------------------------------------------
+echo "== 4. summary"
+"$PY" - "$OUT" "$TESTS_RC" "$BENCH_RC" "$BENCH4_RC" "$PRESET" "$UNET_RC" <<'PY'
 import json, sys, xml.etree.ElementTree as ET
 from pathlib import Path
 
-out, tests_rc, bench_rc, bench4_rc, preset = Path(sys.argv[1]), *map(int, sys.argv[2:5]), sys.argv[5]
+out, tests_rc, bench_rc, bench4_rc, preset, unet_rc = Path(sys.argv[1]), *map(int, sys.argv[2:5]), sys.argv[5], int(sys.argv[6])
 
 def load(name):
     p = out / name / f"bench_{preset}.json"
     return json.loads(p.read_text())["results"] if p.exists() else []
 
-bf16, int4 = load("bf16"), load("int4")
+bf16, int4, unet = load("bf16"), load("int4"), load("unet")
 
 def pick(rows, suite, metric, batch, path=None):
     for r in rows:
@@ -105,6 +115,8 @@ targets = [
     ("encoder batch 64 (img/s)", pick(bf16, "encoder", "throughput", 64), ">=", 300),
     ("caption path bf16 batch 8, max alloc (GB)", pick(bf16, "memory", "max allocated captioning", 8), "<=", 10),
     ("caption path int4 batch 8, max alloc (GB)", pick(int4, "memory", "max allocated captioning", 8), "<=", 6),
+    ("UNet step 512 px with CFG, batch 2 (ms)", pick(unet, "unet", "UNet call p50", 2), "<=", 6),
+    ("50-step 512 px reconstruction (s)", pick(unet, "unet", "reconstruction, 50 steps", 1), "<=", 0.4),
 ]
 suite = {"tests": "-", "passed": 0, "failed": 0, "skipped": 0}
 xml = out / "gpu_tests.xml"
@@ -122,6 +134,7 @@ for name, value, op, bound in targets:
         continue
     met = value >= bound if op == ">=" else value <= bound
     print(f"| {name} | {value:.3g} | {op} {bound} | {'yes' if met else 'NO'} |")
-print(f"bench exit codes: bf16 {bench_rc}, int4 {bench4_rc} (124: time limit); tables and JSON in {out}/")
-sys.exit(0 if tests_rc == 0 and bench_rc == 0 and bench4_rc == 0 else 1)
+print(f"bench exit codes: bf16 {bench_rc}, int4 {bench4_rc}, unet {unet_rc} (124: time limit); tables and JSON "
+      f"in {out}/")
+sys.exit(0 if tests_rc == 0 and bench_rc == 0 and bench4_rc == 0 and unet_rc == 0 else 1)
 PY

@@ -17,6 +17,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
+# The keys of vlv_engine.models.diffusion.SAMPLERS, spelled out so that parsing
+# arguments does not import diffusers (a test keeps the two equal).
+SAMPLER_NAMES = ["ddpm", "ddim", "dpm", "dpm-sde"]
 
 log = logging.getLogger("vlv")
 
@@ -147,7 +150,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     failures = 0
     for path in paths:
         try:
-            (image,) = engine.reconstruct([path], steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed)
+            (image,) = engine.reconstruct([path], steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+                                              sampler=args.sampler)
         except ImageInputError as err:  # this item only
             failures += 1
             print(f"vlv reconstruct: {err}", file=sys.stderr)
@@ -191,7 +195,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     engine = _load_engine(args, load_diffusion=args.recon_num > 0)
     generation = {"num_beams": args.num_beams} if args.num_beams else {}
     report = evaluate_shapes(engine, num=args.num, seed=args.seed, recon_num=args.recon_num, steps=args.steps,
-                             guidance_scale=args.guidance_scale, batch_size=args.batch_size, **generation)
+                             guidance_scale=args.guidance_scale, sampler=args.sampler, batch_size=args.batch_size,
+                             **generation)
     data = report.to_dict()
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
@@ -249,6 +254,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         out=Path(args.out) if args.out else None, device=args.device, fast_dtype=args.fast_dtype,
                         quantize=args.quantize, decode_schemes=tuple(args.decode_schemes),
                         compile_decoder=not args.no_compile, encoder_backend=args.encoder_backend,
+                        unet_backend=args.unet_backend,
                         new_tokens=args.new_tokens, num_beams=args.num_beams, repeats=args.repeats,
                         latency_repeats=args.latency_repeats, threads=args.threads, memory_batch=args.memory_batch,
                         time_limit_s=args.time_limit)
@@ -290,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
         p.add_argument("--device", default="cpu")
         p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+
+    def sampler_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--sampler", choices=SAMPLER_NAMES,
+                       help="ddpm (the official sampler), ddim, dpm (DPM-Solver++) or dpm-sde (its stochastic "
+                            "variant: the most accurate at 10-20 steps); default: the model's own scheduler")
 
     p = sub.add_parser("caption", help="caption images exactly once (resumable); JSONL {id, path, caption, ...}")
     p.add_argument("inputs", nargs="+", help="image files, folders (recursive), globs, @list.txt (one per line), "
@@ -345,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--seed", type=int, default=0)
+    sampler_arg(p)
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("eval", help="evaluate a model on held-out Shapes World scenes")
@@ -355,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=20_260_000)
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance-scale", type=float)
+    sampler_arg(p)
     p.add_argument("--num-beams", type=int)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", help="write the full report here")
@@ -411,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="more decode-suite rows: 'none' (unquantized, fast dtype) or scheme names")
     p.add_argument("--no-compile", action="store_true", help="eager decode step (no torch.compile)")
     p.add_argument("--encoder-backend", default="auto", help="the fast path's encoder backend")
+    p.add_argument("--unet-backend", default="auto", choices=["auto", "onnx", "tensorrt", "compile"],
+                   help="the unet suite's fast backend (default: auto: tensorrt, else compile, on CUDA; onnx on a CPU)")
     p.add_argument("--new-tokens", type=int, help="fixed caption length (EOS suppressed in both pipelines)")
     p.add_argument("--num-beams", type=int, help="beams of the e2e suite (default: the preset's)")
     p.add_argument("--repeats", type=int, default=3)

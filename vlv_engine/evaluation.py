@@ -68,7 +68,7 @@ def reconstruction_accuracy(engine, scenes: list[shapes.Scene], *, steps: int | 
 
 
 def evaluate_shapes(engine, *, num: int = 500, seed: int = EVAL_SEED, recon_num: int = 100,
-                    steps: int | None = None, guidance_scale: float | None = None,
+                    steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None,
                     batch_size: int = 32, num_examples: int = 8, **generation: Any) -> ShapesReport:
     scenes = eval_scenes(num, seed)
     captions = evaluate_captions(engine, scenes, batch_size=batch_size, **generation)
@@ -83,5 +83,6 @@ def evaluate_shapes(engine, *, num: int = 500, seed: int = EVAL_SEED, recon_num:
     if recon_num and engine.model.diffusion is not None:
         recon_scenes = eval_scenes(recon_num, seed + 1, num_objects=1)
         report.reconstruction = reconstruction_accuracy(engine, recon_scenes, steps=steps,
-                                                        guidance_scale=guidance_scale, batch_size=batch_size)
+                                                        guidance_scale=guidance_scale, batch_size=batch_size,
+                                                        sampler=sampler)
     return report

@@ -180,11 +180,37 @@ def test_fourier_coordinate_channels_add_octaves_of_each_axis():
             coordinate_grid(torch.zeros(1, 4, 2, 2), channels=bad)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm", "dpm-sde"])
 def test_samplers_are_reproducible(tiny, rgb_images, sampler):
     a = tiny.reconstruct(rgb_images[:2], steps=3, seed=4, sampler=sampler)
     b = tiny.reconstruct(rgb_images[:2], steps=3, seed=4, sampler=sampler)
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
+def test_few_step_samplers_start_at_the_noisiest_step(tiny):
+    from vlv_engine.cli import SAMPLER_NAMES
+    from vlv_engine.models.diffusion import SAMPLERS
+
+    assert sorted(SAMPLER_NAMES) == sorted(SAMPLERS)
+    diffusion = tiny.model.diffusion
+    last = diffusion.scheduler.config.num_train_timesteps - 1
+    for name in ("ddim", "dpm", "dpm-sde"):
+        sched = diffusion.make_scheduler(name)
+        sched.set_timesteps(20)
+        assert int(sched.timesteps[0]) == last, name
+    # The official sampler keeps the model's own ("leading") spacing.
+    ddpm = diffusion.make_scheduler("ddpm")
+    ddpm.set_timesteps(20)
+    assert int(ddpm.timesteps[0]) < last
+    assert diffusion.make_scheduler("dpm-sde").config.algorithm_type == "sde-dpmsolver++"
+
+
+def test_the_stochastic_solver_draws_fresh_noise_each_step(tiny, rgb_images):
+    ode = tiny.reconstruct(rgb_images[:1], steps=4, seed=4, sampler="dpm")[0]
+    sde = tiny.reconstruct(rgb_images[:1], steps=4, seed=4, sampler="dpm-sde")[0]
+    other_seed = tiny.reconstruct(rgb_images[:1], steps=4, seed=5, sampler="dpm-sde")[0]
+    assert not np.array_equal(np.asarray(ode), np.asarray(sde))
+    assert not np.array_equal(np.asarray(sde), np.asarray(other_seed))
 
 
 def test_unknown_sampler_is_refused(tiny, rgb_images):

@@ -24,14 +24,15 @@ from vlv_engine.engine.decode import StaticDecoder
 from vlv_engine.engine.quantize import (SCHEMES, QuantizationError, check_scheme, decode_weight_bytes,
                                         int4_group_size, quantize_llm, tensor_bytes)
 
-CPU_SCHEMES = ["int8_weight_only", "int8_dynamic", "int4_cpu"]
+TORCHAO_CPU_SCHEMES = ["int8_weight_only", "int8_dynamic", "int4_cpu"]
+CPU_SCHEMES = [*TORCHAO_CPU_SCHEMES, "int8_cpu"]  # int8_cpu: the native kernel (tests/native/test_gemv.py)
 GPU_SCHEMES = ["int4_weight_only", "fp8"]
-TRAINED_TOKENS = {"int8_weight_only": 0.98, "int8_dynamic": 0.98, "int4_cpu": 0.95}
-TRAINED_SQNR = {"int8_weight_only": 35.0, "int8_dynamic": 30.0, "int4_cpu": 18.0}
-TINY_SQNR = {"int8_weight_only": 20.0, "int8_dynamic": 20.0, "int4_cpu": 3.0}
+TRAINED_TOKENS = {"int8_weight_only": 0.98, "int8_dynamic": 0.98, "int4_cpu": 0.95, "int8_cpu": 0.98}
+TRAINED_SQNR = {"int8_weight_only": 35.0, "int8_dynamic": 30.0, "int4_cpu": 18.0, "int8_cpu": 35.0}
+TINY_SQNR = {"int8_weight_only": 20.0, "int8_dynamic": 20.0, "int4_cpu": 3.0, "int8_cpu": 20.0}
 
 
-@pytest.mark.parametrize("scheme", CPU_SCHEMES)
+@pytest.mark.parametrize("scheme", TORCHAO_CPU_SCHEMES)
 def test_linear_layer_matches_plain_reference(scheme):
     from torchao.quantization import quantize_
 
@@ -98,8 +99,10 @@ def test_weight_bytes_shrink(trained):
     assert fp32 == sum(p.numel() * 4 for p in llm.parameters())  # tied: the table is the head, read each step
     int8 = decode_weight_bytes(quantize_llm(copy.deepcopy(llm), "int8_weight_only"))
     int4 = decode_weight_bytes(quantize_llm(copy.deepcopy(llm), "int4_cpu"))
+    native = decode_weight_bytes(quantize_llm(copy.deepcopy(llm), "int8_cpu"))
     # Linear weights 1 byte (int8) / ~half a byte + scales (int4); norms stay float.
     assert 0.2 * fp32 < int8 < 0.35 * fp32
+    assert 0.2 * fp32 < native < 0.35 * fp32
     assert int4 < 0.8 * int8
     w = torch.randn(128, 256)
     assert tensor_bytes(w) == 128 * 256 * 4
@@ -112,7 +115,7 @@ def test_global_compiler_config_untouched(trained):
             "fx_graph_cache")
     before = {k: getattr(inductor, k) for k in keys}
     precision = torch.get_float32_matmul_precision()
-    for scheme in CPU_SCHEMES:
+    for scheme in TORCHAO_CPU_SCHEMES:
         quantize_llm(copy.deepcopy(trained[0]), scheme)
     assert {k: getattr(inductor, k) for k in keys} == before
     assert torch.get_float32_matmul_precision() == precision
@@ -198,3 +201,27 @@ def test_engine_int4_cpu_bf16_decoder():
     assert llm.dtype == torch.bfloat16 and engine.model.caption_decoder.caption_proj[0].weight.dtype == torch.float32
     captions = engine.caption([torch.rand(3, 40, 40)], max_new_tokens=5, num_beams=1)
     assert len(captions) == 1
+
+
+def test_engine_int8_cpu_captions():
+    from vlv_engine.native.gemv import Int8Linear
+    from vlv_engine.testing import tiny_engine
+
+    images = [torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    engine = tiny_engine(with_diffusion=False, quantize="int8_cpu")
+    llm = engine.model.caption_decoder.llm
+    assert isinstance(llm.lm_head, Int8Linear) and llm.lm_head.weight.dtype == torch.int8
+    assert llm.get_input_embeddings().weight.dtype == torch.float32 and llm.config.tie_word_embeddings is False
+    assert not [n for n, m in llm.named_modules() if isinstance(m, torch.nn.Linear)]  # every linear replaced
+    captions = engine.caption(images, max_new_tokens=6, num_beams=2)
+    assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+
+
+def test_int8_cpu_refused_without_the_extension(monkeypatch):
+    from vlv_engine.native import gemv
+
+    monkeypatch.setattr(gemv, "_load", lambda: (None, "the native extension's int8 kernel is not built (x)"))
+    with pytest.raises(QuantizationError, match="int8_cpu.*not built"):
+        check_scheme("int8_cpu", "cpu")
+    with pytest.raises(QuantizationError, match="runs on CPU only"):
+        check_scheme("int8_cpu", "cuda")

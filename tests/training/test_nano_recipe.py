@@ -91,7 +91,7 @@ def test_report_measures_finished_phases_and_bundle_carries_it(micro_run, tmp_pa
     checks = result["checks"]
     assert set(checks) >= {"vae", "teacher", "stage1", "stage2", "ablation", "latent_scale"}
     assert checks["stage1"]["n"] == 2 and 0.0 <= checks["stage1"]["color_and_cell"] <= 1.0
-    assert set(checks["stage2"]["reconstruction"]) == {"dpm_2", "ddpm_50"}
+    assert set(checks["stage2"]["reconstruction"]) == {"dpm_2", "dpm-sde_2", "ddpm_50"}
     assert checks["stage2"]["caption"]["n"] == 6 and "reconstruction" not in checks["ablation"] or \
         checks["ablation"]["reconstruction"] is None
     assert all(result["phases"][p]["complete"] for p in nano.PHASES)

@@ -343,7 +343,8 @@ def phase_records(root: Path) -> dict[str, dict[str, Any]]:
 @torch.no_grad()
 def caption_model_metrics(model_dir: Path, *, num: int, recon_num: int, recon_steps: tuple[int, ...]) -> dict:
     """`vlv eval shapes` figures for a finished caption model, plus reconstruction accuracy
-    against sampler steps (DPM-Solver++ at each of `recon_steps`, and the official 50-step DDPM)."""
+    against sampler steps (DPM-Solver++ and its SDE variant at each of `recon_steps`, and the official
+    50-step DDPM)."""
     from vlv_engine import Engine
     from vlv_engine.evaluation import EVAL_SEED, eval_scenes, evaluate_shapes, reconstruction_accuracy
 
@@ -351,8 +352,8 @@ def caption_model_metrics(model_dir: Path, *, num: int, recon_num: int, recon_st
     out = evaluate_shapes(engine, num=num, recon_num=0).to_dict()
     if recon_num:
         scenes = eval_scenes(recon_num, EVAL_SEED + 1, num_objects=1)
-        out["reconstruction"] = {f"dpm_{k}": reconstruction_accuracy(engine, scenes, steps=k, sampler="dpm")
-                                 for k in recon_steps}
+        out["reconstruction"] = {f"{sampler}_{k}": reconstruction_accuracy(engine, scenes, steps=k, sampler=sampler)
+                                 for sampler in ("dpm", "dpm-sde") for k in recon_steps}
         out["reconstruction"]["ddpm_50"] = reconstruction_accuracy(engine, scenes, steps=50, sampler="ddpm")
     return out
 
@@ -433,8 +434,14 @@ def render_report(result: dict[str, Any]) -> str:
             lines.append(f"- {label}: caption exact match {_pct(c['caption']['exact_match'])}, object F1 "
                          f"{c['caption']['f1']:.3f} (one object: {_pct(c['caption_single']['exact_match'])}, "
                          f"two: {_pct(c['caption_double']['exact_match'])}; n={int(c['caption']['n'])}).")
-            for k, v in (c.get("reconstruction") or {}).items():
+            recon = c.get("reconstruction") or {}
+            for k, v in recon.items():
                 lines.append(f"  - reconstruction, {k.replace('_', ' ')} steps: colour + cell {_pct(v['color_and_cell'])}")
+            official = (recon.get("ddpm_50") or {}).get("color_and_cell")
+            if official:
+                kept = ", ".join(f"{k.replace('_', ' ')} steps {_pct(recon[k]['color_and_cell'] / official)}"
+                                 for k in ("dpm_20", "dpm-sde_20") if k in recon)
+                lines.append(f"  - share of the official 50-step DDPM accuracy kept: {kept}")
     lines += ["", "Loss curves: `<phase>/loss.png`.", ""]
     return "\n".join(lines)
 

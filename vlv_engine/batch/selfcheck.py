@@ -46,8 +46,9 @@ from PIL import Image
 
 __all__ = ["METRIC_VERSION", "RECORD_COLUMNS", "SelfCheck", "SelfCheckOptions", "fidelity"]
 
-#: Bump when ``fidelity`` changes: finished self-checked jobs then redo their scores.
-METRIC_VERSION = 1
+#: Bump when ``fidelity`` or a redraw's sampler changes: finished self-checked jobs then
+#: redo their scores. 2: the "dpm" sampler spaces its timesteps "trailing".
+METRIC_VERSION = 2
 #: The fields a self-checked record gains, with their parquet types.
 RECORD_COLUMNS = {"self_check_score": "float64", "self_check_low": "bool"}
 

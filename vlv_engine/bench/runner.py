@@ -27,6 +27,7 @@ class BenchOptions:
     decode_schemes: tuple[str, ...] = ()  # more decode rows: "none" (unquantized in the fast dtype) or schemes
     compile_decoder: bool = True
     encoder_backend: str = "auto"
+    unet_backend: str = "auto"
     new_tokens: int | None = None
     num_beams: int | None = None
     repeats: int = 3
@@ -148,15 +149,19 @@ def _run_suite(suite, opts, setup, device, batches, bandwidth, fast_dtype) -> li
                           quantize=opts.quantize, compile=opts.compile_decoder,
                           new_tokens=opts.new_tokens or tokens, num_beams=opts.num_beams or beams)
     if suite == "unet":
-        from vlv_engine.bench.pipelines import load_model
-        from vlv_engine.bench.unet import run_unet
+        from vlv_engine.bench.unet import run_unet, unet_bench_model
 
-        if opts.preset != "nano":
-            raise _Skip(f"the {opts.preset} preset is built caption-only (no diffusion decoder)")
-        model, _ = load_model("nano", with_diffusion=True)
-        if model.diffusion is None:
-            raise _Skip("the bundled model has no diffusion decoder")
-        return run_unet(model, device=device, batches=[b for b in batches if b <= 8] or [1], repeats=opts.repeats)
+        # The UNet's own dtype: fp16 on CUDA (SD-2.1's, and TensorRT's fastest exact-enough
+        # path), float32 on a CPU (ONNX Runtime's graph runs in float32).
+        dtype = fast_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        try:
+            bench = unet_bench_model(opts.preset, device=device, dtype=dtype, seed=opts.seed)
+        except ValueError as err:
+            raise _Skip(str(err)) from None
+        # batch 2 is one image with classifier-free guidance
+        unet_batches = sorted({b for b in batches if b <= 8} | {2})
+        return run_unet(bench, device=device, batches=unet_batches, repeats=opts.repeats,
+                        backend=opts.unet_backend)
     if suite == "preprocess":
         from vlv_engine.bench.preprocess import SuiteUnavailable, run_preprocess
         from vlv_engine.config import preset as get_preset

@@ -12,9 +12,11 @@ and the caption embedding must not move.
 | int4_weight_only | CUDA | int4, groups of 128 (tinygemm tile layout) | bf16 |
 | fp8 | CUDA, sm89+ | float8 e4m3 per row | float8 per row, dynamic |
 | int4_cpu | CPU | int4, groups of 128 (torchao's prototype opaque CPU layout) | bf16 |
+| int8_cpu | CPU | int8 per row (our native kernel, `vlv_engine.native.gemv`) | fp32 |
 
-Which is fast where (docs: cpu-facts.md): on an AVX2 CPU without VNNI int8 weight-only
-is slower than fp32; int4_cpu and int8_dynamic are the fast ones. Schemes with bf16
+Which is fast where (docs: cpu-facts.md): on an AVX2 CPU without VNNI torchao's int8
+weight-only is slower than fp32 (it materializes float weights); int8_cpu widens each
+weight in registers and reads a quarter of fp32's bytes, the fastest at small batches. Schemes with bf16
 activations cast the LLM to bf16 first (the decoder's static cache follows the LLM's
 dtype; the rest of the model keeps its own).
 
@@ -26,8 +28,9 @@ Two side effects of `torchao.quantize_` are undone or avoided here:
   the float embedding back over the quantized head. The embedding stays in float
   (one row is read per token).
 
-torchao is imported only when a scheme is applied; a missing torchao, a GPU scheme on a
-CPU or an unsupported GPU raise `QuantizationError` saying what to do.
+torchao is imported only when a scheme is applied; a missing torchao (or, for int8_cpu,
+an unbuilt native extension), a GPU scheme on a CPU or an unsupported GPU raise
+`QuantizationError` saying what to do.
 """
 
 from __future__ import annotations
@@ -58,7 +61,10 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme("int4_weight_only", ("cuda",), torch.bfloat16, (8, 0), True, "int4 weights (tinygemm), bf16 activations"),
     Scheme("fp8", ("cuda",), torch.bfloat16, (8, 9), False, "float8 e4m3 weights and dynamic activations"),
     Scheme("int4_cpu", ("cpu",), torch.bfloat16, None, True, "int4 weights (prototype CPU layout), bf16 activations"),
+    Scheme("int8_cpu", ("cpu",), torch.float32, None, False, "int8 weights (per row, native AVX2 kernel), fp32 "
+           "activations"),
 )}
+NATIVE_SCHEMES = ("int8_cpu",)  # ours, not torchao's
 
 INT4_GROUP_SIZES = (128, 64, 32)  # what the int4 kernels accept, largest (fewest scales) first
 
@@ -73,7 +79,12 @@ def check_scheme(name: str, device: str | torch.device) -> Scheme:
         raise QuantizationError(f"quantize={name!r} runs on {' or '.join(d.upper() for d in scheme.devices)} "
                                 f"only, not on {device.type!r}"
                                 + ("; on a CPU use 'int4_cpu'" if name == "int4_weight_only" else ""))
-    if importlib.util.find_spec("torchao") is None:
+    if name in NATIVE_SCHEMES:
+        from vlv_engine.native import gemv
+
+        if not gemv.available():
+            raise QuantizationError(f"quantize={name!r}: {gemv.unavailable_reason()}")
+    elif importlib.util.find_spec("torchao") is None:
         raise QuantizationError(f"quantize={name!r} needs torchao: pip install -e '.[quant]'")
     if device.type == "cuda" and scheme.min_capability is not None:
         if not torch.cuda.is_available():
@@ -130,8 +141,6 @@ def quantize_llm(llm: nn.Module, name: str, *, device: str | torch.device | None
     bf16 first. A tied lm_head is untied (see the module docstring)."""
     device = torch.device(device) if device is not None else next(llm.parameters()).device
     scheme = check_scheme(name, device)
-    from torchao.quantization import quantize_
-
     linears = _linears(llm)
     if not linears:
         raise QuantizationError(f"quantize={name!r}: the LLM has no linear layers")
@@ -139,13 +148,27 @@ def quantize_llm(llm: nn.Module, name: str, *, device: str | torch.device | None
     if scheme.activation_dtype is not None and any(p.dtype != scheme.activation_dtype for p in llm.parameters()):
         llm.to(dtype=scheme.activation_dtype)
     was_tied = _lm_head_is_tied(llm)
-    quantize_(llm, _torchao_config(scheme, group), filter_fn=_is_linear)
+    if name in NATIVE_SCHEMES:
+        _replace_linears(llm, linears)
+    else:
+        from torchao.quantization import quantize_
+
+        quantize_(llm, _torchao_config(scheme, group), filter_fn=_is_linear)
     if was_tied:
         for cfg in {id(c): c for c in (llm.config, llm.config.get_text_config(decoder=True))}.values():
             cfg.tie_word_embeddings = False
     llm.requires_grad_(False)
     llm.vlv_quantization = name  # read by weight_bytes() callers and reports
     return llm
+
+
+def _replace_linears(llm: nn.Module, linears: dict[str, nn.Linear]) -> None:
+    from vlv_engine.native.gemv import Int8Linear
+
+    for name, linear in linears.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = llm.get_submodule(parent_name) if parent_name else llm
+        setattr(parent, child, Int8Linear.from_linear(linear))
 
 
 def _is_linear(module: nn.Module, fqn: str) -> bool:

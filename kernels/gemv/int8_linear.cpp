@@ -1,0 +1,247 @@
+#include "int8_linear.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <sched.h>
+
+namespace vlv {
+namespace {
+
+// ----------------------------------------------------------------------------- kernels
+
+// One output row `o` for R input rows: dot products of w[o, :] with x[r, :].
+template <int R>
+void rows_scalar(const float* x, int64_t x_stride, const int8_t* wrow, int64_t in, float* acc) {
+  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+  for (int64_t i = 0; i < in; ++i) {
+    const float wi = static_cast<float>(wrow[i]);
+    for (int r = 0; r < R; ++r) acc[r] += x[r * x_stride + i] * wi;
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 widen8(const int8_t* p) {
+  // 8 int8 -> 8 int32 -> 8 float, in registers.
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+}
+
+// U independent accumulators per row hide the FMA latency; every weight vector is
+// loaded and widened once for all R rows.
+template <int R, int U>
+__attribute__((target("avx2,fma"))) void rows_avx2(const float* x, int64_t x_stride, const int8_t* wrow, int64_t in,
+                                                   float* acc) {
+  __m256 a[R][U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u) a[r][u] = _mm256_setzero_ps();
+  constexpr int step = 8 * U;
+  int64_t i = 0;
+  for (; i + step <= in; i += step) {
+    __m256 wv[U];
+    for (int u = 0; u < U; ++u) wv[u] = widen8(wrow + i + 8 * u);
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u) a[r][u] = _mm256_fmadd_ps(wv[u], _mm256_loadu_ps(x + r * x_stride + i + 8 * u), a[r][u]);
+  }
+  for (; i + 8 <= in; i += 8) {
+    const __m256 wv = widen8(wrow + i);
+    for (int r = 0; r < R; ++r) a[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * x_stride + i), a[r][0]);
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256 s = a[r][0];
+    for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, a[r][u]);
+    float total = hsum(s);
+    for (int64_t j = i; j < in; ++j) total += x[r * x_stride + j] * static_cast<float>(wrow[j]);
+    acc[r] = total;
+  }
+}
+
+template <int R>
+void block(const float* x, int64_t x_stride, const int8_t* w, const float* scale, const float* bias, int64_t in,
+           int64_t o0, int64_t o1, float* y, int64_t y_stride, GemvSimd simd) {
+  float acc[R];
+  for (int64_t o = o0; o < o1; ++o) {
+    const int8_t* wrow = w + o * in;
+    if (simd == GemvSimd::Avx2) {
+      if constexpr (R == 1) {
+        rows_avx2<1, 4>(x, x_stride, wrow, in, acc);
+      } else if constexpr (R == 2) {
+        rows_avx2<2, 2>(x, x_stride, wrow, in, acc);
+      } else {
+        rows_avx2<R, 1>(x, x_stride, wrow, in, acc);
+      }
+    } else {
+      rows_scalar<R>(x, x_stride, wrow, in, acc);
+    }
+    const float b = bias ? bias[o] : 0.f;
+    for (int r = 0; r < R; ++r) y[r * y_stride + o] = acc[r] * scale[o] + b;
+  }
+}
+
+// Output rows [o0, o1) for every input row, four input rows at a time.
+void compute(const float* x, int64_t rows, int64_t x_stride, const int8_t* w, const float* scale, const float* bias,
+             int64_t in, int64_t o0, int64_t o1, float* y, int64_t y_stride, GemvSimd simd) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4)
+    block<4>(x + r * x_stride, x_stride, w, scale, bias, in, o0, o1, y + r * y_stride, y_stride, simd);
+  const int64_t left = rows - r;
+  const float* xr = x + r * x_stride;
+  float* yr = y + r * y_stride;
+  if (left == 3) block<3>(xr, x_stride, w, scale, bias, in, o0, o1, yr, y_stride, simd);
+  if (left == 2) block<2>(xr, x_stride, w, scale, bias, in, o0, o1, yr, y_stride, simd);
+  if (left == 1) block<1>(xr, x_stride, w, scale, bias, in, o0, o1, yr, y_stride, simd);
+}
+
+// ----------------------------------------------------------------------------- threads
+
+// A persistent pool: a decode step makes ~170 of these calls, so starting threads per
+// call (tens of microseconds each) would cost more than the products themselves. The
+// caller's thread takes tasks too. Workers spin briefly after a job (the next call
+// comes within microseconds during a decode step), then sleep on a condition variable.
+class Pool {
+ public:
+  explicit Pool(int workers) {
+    for (int i = 0; i < workers; ++i) threads_.emplace_back([this] { loop(); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+      generation_.fetch_add(1);
+    }
+    wake_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  int size() const { return static_cast<int>(threads_.size()) + 1; }
+
+  // Runs fn(0..tasks-1), each exactly once, and returns when all are done.
+  void run(int64_t tasks, const std::function<void(int64_t)>& fn) {
+    std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
+    if (!busy.owns_lock() || threads_.empty() || tasks <= 1) {  // another caller holds the pool: run inline
+      for (int64_t t = 0; t < tasks; ++t) fn(t);
+      return;
+    }
+    Job job{&fn, tasks};
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &job;
+      generation_.fetch_add(1);
+    }
+    wake_.notify_all();
+    work(job);
+    while (job.remaining.load(std::memory_order_acquire) > 0) _mm_pause();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = nullptr;  // no worker joins from now on
+    }
+    while (job.active.load(std::memory_order_acquire) > 0) _mm_pause();  // nor is any still inside
+  }
+
+ private:
+  struct Job {
+    const std::function<void(int64_t)>* fn;
+    int64_t tasks;
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> remaining;
+    std::atomic<int> active{0};
+    Job(const std::function<void(int64_t)>* f, int64_t n) : fn(f), tasks(n), remaining(n) {}
+  };
+
+  static void work(Job& job) {
+    for (;;) {
+      const int64_t t = job.next.fetch_add(1, std::memory_order_relaxed);
+      if (t >= job.tasks) return;
+      (*job.fn)(t);
+      job.remaining.fetch_sub(1, std::memory_order_release);
+    }
+  }
+
+  void loop() {
+    uint64_t seen = generation_.load();
+    for (;;) {
+      for (int spin = 0; spin < kSpins && generation_.load(std::memory_order_acquire) == seen; ++spin) _mm_pause();
+      Job* job = nullptr;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return stop_ || generation_.load() != seen; });
+        if (stop_) return;
+        seen = generation_.load();
+        job = job_;
+        if (job) job->active.fetch_add(1);
+      }
+      if (job) {
+        work(*job);
+        job->active.fetch_sub(1, std::memory_order_release);
+      }
+    }
+  }
+
+  static constexpr int kSpins = 2000;  // ~20-50 us of pause instructions
+  std::vector<std::thread> threads_;
+  std::mutex run_mutex_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> generation_{0};
+  Job* job_ = nullptr;
+  bool stop_ = false;
+};
+
+int default_threads() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+Pool& pool(int threads) {
+  static std::mutex m;
+  static std::unique_ptr<Pool> p;
+  std::lock_guard<std::mutex> lock(m);
+  if (!p || p->size() != threads) {
+    p.reset();
+    p = std::make_unique<Pool>(threads - 1);
+  }
+  return *p;
+}
+
+}  // namespace
+
+GemvSimd gemv_simd_level() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return GemvSimd::Avx2;
+  return GemvSimd::Scalar;
+}
+
+void int8_linear(const float* x, int64_t rows, int64_t x_stride, const int8_t* w, const float* scale,
+                 const float* bias, int64_t in, int64_t out, float* y, int64_t y_stride, int num_threads,
+                 GemvSimd simd) {
+  if (rows <= 0 || out <= 0) return;
+  const int threads = num_threads > 0 ? num_threads : default_threads();
+  // Tasks of >= 16 output rows (a few KB of weights each), a few per thread for balance.
+  const int64_t per = std::max<int64_t>(16, (out + 4 * threads - 1) / (4 * threads));
+  const int64_t tasks = (out + per - 1) / per;
+  auto fn = [&](int64_t t) {
+    const int64_t o0 = t * per, o1 = std::min(out, o0 + per);
+    compute(x, rows, x_stride, w, scale, bias, in, o0, o1, y, y_stride, simd);
+  };
+  if (threads == 1 || tasks == 1) {
+    for (int64_t t = 0; t < tasks; ++t) fn(t);
+    return;
+  }
+  pool(threads).run(tasks, fn);
+}
+
+}  // namespace vlv

@@ -1,0 +1,126 @@
+"""Linear layers over int8 weights for CPU decode (the "int8_cpu" quantization scheme).
+
+``int8_weight_linear(x, weight, scale, bias)`` is ``x @ (scale[:, None] * weight).T +
+bias`` with int8 ``weight`` [N, K], one fp32 ``scale`` per output row and float32
+activations. It runs the native kernel (kernels/gemv, AVX2 + FMA, a persistent thread
+pool, the GIL released) and is registered as the custom op ``vlv::int8_weight_linear``
+with a fake implementation, so a compiled decode step traces through it.
+``int8_weight_linear_reference`` is its plain-PyTorch specification;
+``Int8Linear`` holds the quantized weights in place of an ``nn.Linear``.
+
+Why a kernel of our own: a decode step at batch 1 reads every weight once, so its time
+is the bytes read, and int8 weights are a quarter of fp32's. On CPUs without
+AVX512-VNNI, PyTorch's int8 weight-only path (torchao's) materializes the float weight
+first and ends up slower than fp32 (cpu-facts.md). This kernel widens each weight in
+registers just before its multiply-add.
+
+Unlike the rest of ``vlv_engine.native`` this module imports torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlv_engine.native._loader import BUILD_HINT, DISABLE_ENV, _disabled_by_env
+
+__all__ = ["Int8Linear", "available", "int8_weight_linear", "int8_weight_linear_reference", "quantize_rows",
+           "unavailable_reason"]
+
+
+@functools.cache
+def _load() -> tuple[ModuleType | None, str]:
+    if _disabled_by_env():
+        return None, f"{DISABLE_ENV}=0 in the environment"
+    try:
+        return importlib.import_module("vlv_engine.native._gemv"), ""
+    except ImportError as exc:
+        return None, f"the native extension's int8 kernel is not built ({exc}); {BUILD_HINT}"
+
+
+def available() -> bool:
+    return _load()[0] is not None
+
+
+def unavailable_reason() -> str:
+    """Why the kernel cannot run here ("" when it can)."""
+    return _load()[1]
+
+
+def simd_level() -> str | None:
+    module = _load()[0]
+    return None if module is None else module.simd_level()
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (q [N, K] int8 in [-127, 127], scale [N] fp32) with
+    weight ~= scale[:, None] * q."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_weight_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                                 bias: torch.Tensor | None) -> torch.Tensor:
+    """The specification: dequantize, then a float32 linear layer."""
+    return F.linear(x, weight.float() * scale[:, None], bias)
+
+
+@torch.library.custom_op("vlv::int8_weight_linear", mutates_args=(), device_types="cpu")
+def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    module, reason = _load()
+    if module is None:
+        raise RuntimeError(f"vlv::int8_weight_linear: {reason}")
+    if x.dtype != torch.float32 or weight.dtype != torch.int8 or scale.dtype != torch.float32:
+        raise TypeError(f"vlv::int8_weight_linear takes float32 x, int8 weight and float32 scale; got "
+                        f"{x.dtype}, {weight.dtype}, {scale.dtype}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"vlv::int8_weight_linear: x has {x.shape[-1]} input features, the weight {k}")
+    x2 = x.detach().reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    b = None if bias is None else bias.detach().contiguous().numpy()
+    module.int8_linear(x2.numpy(), weight.contiguous().numpy(), scale.detach().contiguous().numpy(), b, y.numpy(),
+                       torch.get_num_threads())
+    return y.reshape(*x.shape[:-1], n)
+
+
+@int8_weight_linear.register_fake
+def _(x, weight, scale, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+class Int8Linear(nn.Module):
+    """An ``nn.Linear`` in inference: int8 weight [N, K] and fp32 scale [N] (frozen
+    parameters, so they count as the layer's weight bytes), optional fp32 bias."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8), requires_grad=False)
+        self.scale = nn.Parameter(torch.ones(out_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        out = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        q, scale = quantize_rows(linear.weight)
+        out.weight.data, out.scale.data = q.to(linear.weight.device), scale.to(linear.weight.device)
+        if linear.bias is not None:
+            out.bias.data = linear.bias.detach().float().clone()
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_weight_linear(x, self.weight, self.scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
