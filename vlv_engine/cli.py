@@ -41,6 +41,8 @@ def _load_engine(args: argparse.Namespace, device: str | None = None, **kwargs):
 
     from vlv_engine import Engine
 
+    if getattr(args, "quantize", None):
+        kwargs.setdefault("quantize", args.quantize)
     return Engine.from_pretrained(args.model, device=device or args.device, dtype=getattr(torch, DTYPES[args.dtype]),
                                   **kwargs)
 
@@ -56,7 +58,7 @@ def _ray_engines(args: argparse.Namespace, options) -> None:
 
     options.engine_factory = functools.partial(Engine.from_pretrained, args.model, device=args.device,
                                                dtype=getattr(torch, DTYPES[args.dtype]),
-                                               load_diffusion=args.self_check)
+                                               load_diffusion=args.self_check, quantize=args.quantize)
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -296,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
         p.add_argument("--device", default="cpu")
         p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+        if p.prog.split()[-1] in ("caption", "eval", "serve"):
+            p.add_argument("--quantize", help="quantize the caption LLM: int8_cpu (CPU, native kernel), "
+                                              "int8_dynamic, int4_cpu, int8_weight_only, int4_weight_only, fp8 "
+                                              "(vlv_engine/engine/quantize.py)")
 
     def sampler_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--sampler", choices=SAMPLER_NAMES,

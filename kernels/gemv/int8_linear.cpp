@@ -206,15 +206,14 @@ int default_threads() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-Pool& pool(int threads) {
+// Shared ownership: a caller still running on a pool that another caller has just
+// replaced (a different thread count) keeps it alive until its call returns.
+std::shared_ptr<Pool> pool(int threads) {
   static std::mutex m;
-  static std::unique_ptr<Pool> p;
+  static std::shared_ptr<Pool> p;
   std::lock_guard<std::mutex> lock(m);
-  if (!p || p->size() != threads) {
-    p.reset();
-    p = std::make_unique<Pool>(threads - 1);
-  }
-  return *p;
+  if (!p || p->size() != threads) p = std::make_shared<Pool>(threads - 1);
+  return p;
 }
 
 }  // namespace
@@ -241,7 +240,7 @@ void int8_linear(const float* x, int64_t rows, int64_t x_stride, const int8_t* w
     for (int64_t t = 0; t < tasks; ++t) fn(t);
     return;
   }
-  pool(threads).run(tasks, fn);
+  pool(threads)->run(tasks, fn);
 }
 
 }  // namespace vlv

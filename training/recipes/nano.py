@@ -105,7 +105,7 @@ PHASE_SETTINGS: dict[str, dict[str, Any]] = {
                 "latent_sampling": "mode",
                 "optim": {"lr": 1e-3, "warmup_steps": 500, "min_lr_ratio": 0.1, "weight_decay": 0.0},
                 "data": {"num_samples": 100_000, "seed": 2}, "save_every": 500},
-    "stage1": {"steps": 3_000, "batch_size": 64, "loss_weighting": "none", "latent_sampling": "mode",
+    "stage1": {"steps": 7_000, "batch_size": 64, "loss_weighting": "none", "latent_sampling": "mode",
                # The nano Florence-2 starts random, so its vision tower trains too (the
                # paper's is pretrained and frozen).
                "trainable": ["florence_vision", "florence_language", "queries", "language_proj"],

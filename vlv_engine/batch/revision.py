@@ -7,8 +7,8 @@ re-captions.
 The revisions hash the weights the engine actually holds, not the files of a model
 folder: that is exact (a retrained model with the same shapes, file sizes or headers
 still gets a new revision; a model folder copied to another node, with new mtimes,
-does not), it covers dtype (bf16 and fp32 captions differ, so they are different
-revisions) and it works for engines that never came from a folder.  The cost is one
+does not), it covers dtype and quantization (bf16, int8 and fp32 captions differ, so
+they are different revisions) and it works for engines that never came from a folder.  The cost is one
 pass over the weights at start: ~1.6 GB/s of SHA-256 on one core, a few seconds for
 the paper model, nothing next to a captioning run.
 
@@ -74,11 +74,21 @@ def _hasher(part: str, *configs: dict) -> "hashlib._Hash":
 def _hash_modules(h: "hashlib._Hash", *modules: torch.nn.Module) -> None:
     for module in modules:
         for name, tensor in sorted(module.state_dict().items()):
-            t = tensor.detach()
-            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            # Bytes through a uint8 view: numpy has no bfloat16, and the view is free.
-            flat = t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8)
-            h.update(flat.cpu().numpy().tobytes())
+            _hash_tensor(h, name, tensor.detach())
+
+
+def _hash_tensor(h: "hashlib._Hash", name: str, t: torch.Tensor) -> None:
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+    if is_traceable_wrapper_subclass(t):  # a quantized weight (torchao): its packed data and scales
+        inner, _ = t.__tensor_flatten__()
+        for part in inner:
+            _hash_tensor(h, f"{name}.{part}", getattr(t, part))
+        return
+    # Bytes through a uint8 view: numpy has no bfloat16, and the view is free.
+    flat = t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8)
+    h.update(flat.cpu().numpy().tobytes())
 
 
 def _hash_tokenizer(h: "hashlib._Hash", tokenizer: Any) -> None:

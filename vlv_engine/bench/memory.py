@@ -36,7 +36,7 @@ def probe(args: argparse.Namespace) -> dict:
         kwargs = {"dtype": getattr(torch, args.dtype), "decoder": "compiled" if args.compile else "static",
                   "quantize": args.quantize}
         if has_encoder_backends():
-            kwargs["encoder_backend"] = "auto"
+            kwargs["encoder_backend"] = args.encoder_backend
     engine = Engine(model, device=device, **kwargs)
     del model
     gc.collect()
@@ -53,12 +53,13 @@ def probe(args: argparse.Namespace) -> dict:
 
 
 def run_memory(*, preset: str, device: torch.device, batch: int, dtype: torch.dtype, quantize: str | None,
-               compile: bool, new_tokens: int, num_beams: int, timeout: float = 1800) -> list[Row]:
+               compile: bool, new_tokens: int, num_beams: int, encoder_backend: str = "auto",
+               timeout: float = 1800) -> list[Row]:
     results = {}
     for pipeline in ("fast", "reference"):
         cmd = [sys.executable, "-m", "vlv_engine.bench.memory", "--pipeline", pipeline, "--preset", preset,
                "--device", str(device), "--batch", str(batch), "--dtype", str(dtype).replace("torch.", ""),
-               "--new-tokens", str(new_tokens), "--num-beams", str(num_beams)]
+               "--new-tokens", str(new_tokens), "--num-beams", str(num_beams), "--encoder-backend", encoder_backend]
         cmd += (["--quantize", quantize] if quantize else []) + (["--compile"] if compile else [])
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
@@ -84,6 +85,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--quantize")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--encoder-backend", default="auto")
     p.add_argument("--new-tokens", type=int)
     p.add_argument("--num-beams", type=int)
     args = p.parse_args()

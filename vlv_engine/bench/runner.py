@@ -147,7 +147,8 @@ def _run_suite(suite, opts, setup, device, batches, bandwidth, fast_dtype) -> li
         dtype = fast_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         return run_memory(preset=opts.preset, device=device, batch=opts.memory_batch, dtype=dtype,
                           quantize=opts.quantize, compile=opts.compile_decoder,
-                          new_tokens=opts.new_tokens or tokens, num_beams=opts.num_beams or beams)
+                          new_tokens=opts.new_tokens or tokens, num_beams=opts.num_beams or beams,
+                          encoder_backend=opts.encoder_backend)
     if suite == "unet":
         from vlv_engine.bench.unet import run_unet, unet_bench_model
 

@@ -41,9 +41,9 @@ def unet_bench_model(preset: str, *, device: torch.device, dtype: torch.dtype, s
 
         config = get_preset("paper")
         torch.manual_seed(seed)
-        with torch.device(device):
-            diffusion = DiffusionDecoder.from_config(config.diffusion)
-        diffusion = diffusion.to(dtype=dtype).eval().requires_grad_(False)
+        # Built on the CPU like a loaded model (the scheduler's tables stay there), then moved.
+        diffusion = DiffusionDecoder.from_config(config.diffusion)
+        diffusion = diffusion.to(device=device, dtype=dtype).eval().requires_grad_(False)
         diffusion.vae_dtype = dtype
         return UNetBenchModel(diffusion, config.encoder.num_queries, config.bottleneck.hidden_size,
                               steps=50, guidance_scale=7.5)
