@@ -236,7 +236,9 @@ void int8_linear(const float* x, int64_t rows, int64_t x_stride, const int8_t* w
     const int64_t o0 = t * per, o1 = std::min(out, o0 + per);
     compute(x, rows, x_stride, w, scale, bias, in, o0, o1, y, y_stride, simd);
   };
-  if (threads == 1 || tasks == 1) {
+  // Small matrices run on the caller's thread alone: waking a worker costs more than a
+  // share of a product that streams less than ~2 MB of weights.
+  if (threads == 1 || tasks == 1 || in * out < (int64_t{2} << 20)) {
     for (int64_t t = 0; t < tasks; ++t) fn(t);
     return;
   }
