@@ -79,3 +79,25 @@ def test_captions_follow_the_embedding(reference_path, eager, images):
     engine = tiny_engine(with_diffusion=False)
     engine._encoder_path = build_encoder_path("triton", engine.model, max_batch=4, cuda_graph=False)
     assert engine.caption(images, max_new_tokens=6) == eager.caption(images, max_new_tokens=6)
+
+
+def test_encoder_batch_size_splits_a_batch_without_changing_embeddings():
+    import torch
+
+    from vlv_engine.engine.engine import CPU_ENCODER_PIXELS
+    from vlv_engine.testing import tiny_engine
+
+    whole = tiny_engine(with_diffusion=False)
+    size = whole.config.encoder.image_size
+    assert whole.encoder_batch_size == min(whole.batch_size, CPU_ENCODER_PIXELS // (size * size))
+    split = tiny_engine(with_diffusion=False, encoder_batch_size=2)
+    assert split.encoder_batch_size == 2
+    calls = []
+    split.encode_pixels(torch.zeros(1, 3, size, size))  # builds the path
+    inner = split._encoder_path
+    split._encoder_path = lambda x: calls.append(x.shape[0]) or inner(x)
+    pixels = torch.rand(5, 3, size, size, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(split.encode_pixels(pixels), whole.encode_pixels(pixels))  # eager: chunking changes nothing
+    assert calls == [2, 2, 1]
+    with pytest.raises(ValueError, match="encoder_batch_size"):
+        tiny_engine(with_diffusion=False, encoder_batch_size=0)

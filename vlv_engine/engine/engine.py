@@ -27,6 +27,8 @@ from vlv_engine.engine.results import ItemResult
 from vlv_engine.models import VLVModel
 
 DEFAULT_BATCH_SIZE = 8
+# The most pixels per encoder forward on a CPU by default (see Engine.__init__).
+CPU_ENCODER_PIXELS = 2 * 768 * 768
 
 
 def default_model_path() -> Path:
@@ -38,7 +40,8 @@ class Engine:
     def __init__(self, model: VLVModel, *, llm_tokenizer=None, text_tokenizer=None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, max_pixels: int | None = image_io.DEFAULT_MAX_PIXELS,
                  batch_size: int = DEFAULT_BATCH_SIZE, decoder: str = "static",
-                 unet_backend: str | UNetRunner = "eager", encoder_backend: str = "eager", quantize: str | None = None):
+                 unet_backend: str | UNetRunner = "eager", encoder_backend: str = "eager", quantize: str | None = None,
+                 encoder_batch_size: int | None = None):
         # decoder: how captions are decoded from the prefix: "static" (our static-KV-cache
         # loop, `vlv_engine.engine.decode`; the default: in fp32 its tokens equal HF's, its
         # KV memory is allocated once per batch bucket, and on a CPU it is as fast as HF or
@@ -56,6 +59,19 @@ class Engine:
             check_scheme(quantize, device)
         self._llm_decoder = None  # built on first use (caption_embeddings)
         self.device = torch.device(device)
+        # encoder_batch_size: the most images per encoder forward (a caption batch is split
+        # into such chunks; in eager an image's embedding does not depend on its chunk).
+        # The encoder's activations grow with pixels, so on a CPU the default holds a
+        # forward to CPU_ENCODER_PIXELS (two 768 px images: the small preset's peak RSS at
+        # batch 8 drops by ~1.3 GB, and 2 cores are already busy at that size); the tiny
+        # nano images still go in whole batches. CUDA: the whole batch.
+        if encoder_batch_size is None:
+            size = model.config.encoder.image_size
+            encoder_batch_size = (max(1, CPU_ENCODER_PIXELS // (size * size)) if self.device.type == "cpu"
+                                  else batch_size)
+        if encoder_batch_size < 1:
+            raise ValueError(f"encoder_batch_size must be >= 1, got {encoder_batch_size}")
+        self.encoder_batch_size = min(encoder_batch_size, batch_size)
         self.dtype = dtype
         self.model = model.eval()
         self.model.requires_grad_(False)
@@ -67,6 +83,7 @@ class Engine:
                 _place(module, self.device, want)
         if quantize is not None and self.model.caption_decoder is not None:
             quantize_llm(self.model.caption_decoder.llm, quantize, device=self.device)
+            _return_freed_memory()
         self.llm_tokenizer = llm_tokenizer
         self.text_tokenizer = text_tokenizer
         self.max_pixels = max_pixels
@@ -151,8 +168,12 @@ class Engine:
             got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise ValueError(f"encode_pixels: pixel_values must be a [B, 3, {size}, {size}] tensor, got {got}")
         if self._encoder_path is None:
-            self._encoder_path = build_encoder_path(self.encoder_backend, self.model, max_batch=self.batch_size)
-        return self._encoder_path(pixel_values.to(self.device, self.dtype))
+            self._encoder_path = build_encoder_path(self.encoder_backend, self.model,
+                                                    max_batch=self.encoder_batch_size)
+        pixel_values = pixel_values.to(self.device, self.dtype)
+        if pixel_values.shape[0] <= self.encoder_batch_size:
+            return self._encoder_path(pixel_values)
+        return torch.cat([self._encoder_path(chunk) for chunk in pixel_values.split(self.encoder_batch_size)])
 
     @torch.no_grad()
     def embed_loaded(self, images: Sequence[Image.Image], batch_size: int | None = None) -> torch.Tensor:
@@ -262,6 +283,19 @@ class Engine:
                                       scheduler=diffusion.make_scheduler(sampler))
             out.extend(_to_pil(p) for p in pixels)
         return out
+
+
+def _return_freed_memory() -> None:
+    """Hand the float weights that quantization just freed back to the OS: glibc keeps
+    freed heap pages (~0.4 GB of the small preset's LLM) in the process otherwise."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
