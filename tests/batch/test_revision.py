@@ -1,6 +1,6 @@
 """Model revisions (vlv_engine.batch.revision) cover what the engine holds."""
 
-import pytest
+import torch
 
 from vlv_engine.batch.revision import engine_revision
 from vlv_engine.testing import tiny_engine
@@ -24,7 +24,6 @@ def test_same_weights_same_revision_and_quantized_weights_their_own():
 
 
 def test_dtype_is_part_of_the_revision():
-    torch = pytest.importorskip("torch")
     a = engine_revision(tiny_engine(with_diffusion=False))
     b = engine_revision(tiny_engine(with_diffusion=False, dtype=torch.bfloat16))
     assert a.model != b.model
