@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from types import ModuleType
 
 import torch
@@ -99,10 +100,14 @@ def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     return _int8_weight_linear(x, weight, scale, bias)
 
 
-def _threads() -> int:
-    import os
+@functools.cache
+def _threads_override() -> int:
+    return int(os.environ.get("VLV_GEMV_THREADS", "0"))
 
-    return int(os.environ.get("VLV_GEMV_THREADS", "0")) or torch.get_num_threads()
+
+def _threads() -> int:
+    # Read once: this runs ~170 times per decode step.
+    return _threads_override() or torch.get_num_threads()
 
 
 @int8_weight_linear.register_fake
