@@ -225,3 +225,63 @@ def test_int8_cpu_refused_without_the_extension(monkeypatch):
         check_scheme("int8_cpu", "cpu")
     with pytest.raises(QuantizationError, match="runs on CPU only"):
         check_scheme("int8_cpu", "cuda")
+
+
+def test_int8_cpu_fuses_shared_inputs_without_changing_logits(trained):
+    from vlv_engine.native.gemv import Int8Linear
+
+    llm = trained[0]
+    layers = llm.config.num_hidden_layers
+    fused = quantize_llm(copy.deepcopy(llm), "int8_cpu")
+    groups = {id(m._group) for m in fused.modules() if isinstance(m, Int8Linear) and m._group is not None}
+    assert len(groups) == 2 * layers  # q/k/v and gate/up in every layer
+    plain = copy.deepcopy(llm)
+    for name, lin in [(n, m) for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)]:
+        parent, _, child = name.rpartition(".")
+        setattr(plain.get_submodule(parent) if parent else plain, child, Int8Linear.from_linear(lin))
+    ids = torch.randint(0, llm.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = fused(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert float((a - b).norm() / b.norm()) < 1e-5
+
+
+def test_int8_cpu_decode_loop_gives_torch_one_thread(trained):
+    llm = quantize_llm(copy.deepcopy(trained[0]), "int8_cpu")
+    seen = []
+    llm.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        prefix = trained[1][:2]
+        StaticDecoder(llm).generate(prefix, GenerationConfig(max_new_tokens=3, num_beams=1), eos_token_id=None,
+                                    pad_token_id=0)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_int8_cpu_compiled_step_keeps_the_fusion(trained, monkeypatch):
+    from collections import Counter
+
+    from vlv_engine.native import gemv
+
+    llm, prefixes, _ = trained
+    q = quantize_llm(copy.deepcopy(llm), "int8_cpu")
+    gen = GenerationConfig(max_new_tokens=LENGTH, num_beams=1)
+    torch._dynamo.reset()
+    compiled = StaticDecoder(q, compile=True)
+    assert torch.equal(compiled.generate(prefixes[:4], gen, eos_token_id=None, pad_token_id=0),
+                       StaticDecoder(q).generate(prefixes[:4], gen, eos_token_id=None, pad_token_id=0))
+    shapes = Counter()
+    real = gemv._int8_weight_linear
+    monkeypatch.setattr(gemv, "_int8_weight_linear", lambda x, w, s, b: shapes.update([tuple(w.shape)]) or
+                        real(x, w, s, b))
+    compiled.generate(prefixes[:4], GenerationConfig(max_new_tokens=2, num_beams=1), eos_token_id=None,
+                      pad_token_id=0)  # the prefill and one compiled step
+    width, layers = llm.config.hidden_size, llm.config.num_hidden_layers
+    qkv = sum(m.out_features for m in (q.model.layers[0].self_attn.q_proj, q.model.layers[0].self_attn.k_proj,
+                                       q.model.layers[0].self_attn.v_proj))
+    assert shapes[(qkv, width)] == 2 * layers  # one q/k/v call per layer and pass
+    assert shapes[(2 * llm.config.intermediate_size, width)] == 2 * layers

@@ -40,6 +40,7 @@ near-tie could then pick another token (more likely in bf16). `Engine(decoder=
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import Protocol
 
@@ -49,6 +50,7 @@ from transformers import PreTrainedModel, StaticCache
 from vlv_engine.config import GenerationConfig
 from vlv_engine.engine.beam import beam_search
 from vlv_engine.engine.generation import generate_reference
+from vlv_engine.engine.quantize import NATIVE_SCHEMES
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_LENGTH_MULTIPLE = 64
@@ -200,6 +202,15 @@ class StaticDecoder:
                 self._step = decode_step
         return self._step
 
+    def _threads(self):
+        """The thread policy of the loop: with our int8 CPU kernel, the cores go to its pool
+        and torch's own ops run on one thread (`gemv.kernel_threads`); otherwise torch's."""
+        if getattr(self.llm, "vlv_quantization", None) in NATIVE_SCHEMES and self.llm.device.type == "cpu":
+            from vlv_engine.native.gemv import kernel_threads
+
+            return kernel_threads()
+        return contextlib.nullcontext()
+
     # ------------------------------------------------------------------ generate
 
     @torch.no_grad()
@@ -212,8 +223,9 @@ class StaticDecoder:
         pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
         prefix = prefix.to(self.llm.dtype)
         largest = self.batch_buckets[-1]
-        outs = [self._generate_bucket(prefix[lo:lo + largest], gen, eos_token_id, pad)
-                for lo in range(0, prefix.shape[0], largest)]
+        with self._threads():
+            outs = [self._generate_bucket(prefix[lo:lo + largest], gen, eos_token_id, pad)
+                    for lo in range(0, prefix.shape[0], largest)]
         if not outs:
             return torch.empty((0, 0), dtype=torch.long, device=prefix.device)
         width = max(o.shape[1] for o in outs)

@@ -163,12 +163,13 @@ def quantize_llm(llm: nn.Module, name: str, *, device: str | torch.device | None
 
 
 def _replace_linears(llm: nn.Module, linears: dict[str, nn.Linear]) -> None:
-    from vlv_engine.native.gemv import Int8Linear
+    from vlv_engine.native.gemv import Int8Linear, fuse_shared_inputs
 
     for name, linear in linears.items():
         parent_name, _, child = name.rpartition(".")
         parent = llm.get_submodule(parent_name) if parent_name else llm
         setattr(parent, child, Int8Linear.from_linear(linear))
+    fuse_shared_inputs(llm)  # q/k/v and gate/up: one kernel call each
 
 
 def _is_linear(module: nn.Module, fqn: str) -> bool:
