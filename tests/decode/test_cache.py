@@ -6,7 +6,7 @@ from decode_helpers import EOS, PAD, prefixes
 from transformers import StaticCache
 
 from vlv_engine.config import GenerationConfig
-from vlv_engine.engine.decode import StaticDecoder, bucket_batch, reorder_cache_
+from vlv_engine.engine.decode import StaticDecoder, bucket_batch, prefill, prefill_beams, reorder_cache_
 from vlv_engine.engine.generation import generate_reference
 
 GREEDY = GenerationConfig(max_new_tokens=16, num_beams=1)
@@ -104,3 +104,26 @@ def test_reorder_cache_in_place(llm):
         assert layer.keys[:, 0, :3, 0].tolist() == [[2.0] * 3, [2.0] * 3, [0.0] * 3, [1.0] * 3]
         assert layer.values[:, 0, :3, 0].tolist() == [[-2.0] * 3, [-2.0] * 3, [-0.0] * 3, [-1.0] * 3]
         assert layer.keys[:, 0, 3:, 0].tolist() == [[float(r)] * 3 for r in range(4)]  # past `length`: untouched
+
+
+def test_beam_prefill_runs_each_image_once(llm):
+    dec = StaticDecoder(llm)
+    x = prefixes(3, seed=9)
+    nq = x.shape[1]
+    cache, scratch, expanded = dec.cache(9, 64), dec.prefill_cache(3, 64), StaticDecoder(llm).cache(9, 64)
+    cache.reset(), expanded.reset()
+    rows_seen = []
+    hook = llm.register_forward_pre_hook(lambda m, a, kw: rows_seen.append(kw["inputs_embeds"].shape[0]),
+                                         with_kwargs=True)
+    try:
+        logits = prefill_beams(llm, cache, scratch, x, 3)
+    finally:
+        hook.remove()
+    assert rows_seen == [3]  # not 9
+    want = prefill(llm, expanded, x.repeat_interleave(3, dim=0))  # HF's way: K copies of the prefix
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(cache.layers, expanded.layers):
+        torch.testing.assert_close(a.keys[:, :, :nq], b.keys[:, :, :nq], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.values[:, :, :nq], b.values[:, :, :nq], rtol=1e-5, atol=1e-5)
+    # the beam search's own caches and the prefill caches are kept apart
+    assert list(dec._caches) != list(dec._prefill_caches)

@@ -10,7 +10,8 @@ does it in the gpt-fast way, with transformers' own model forward:
    Nq + max_new_tokens rounded up to `length_multiple`, so a steady workload reuses a
    few buffers and a compiled step sees a few static shapes.
 2. **Prefill.** The [B, Nq, H] prefix in one forward (`inputs_embeds`, positions
-   0..Nq-1, `logits_to_keep=1`), eager (it runs once per call).
+   0..Nq-1, `logits_to_keep=1`), eager (it runs once per call). Beam search prefills each
+   image once and copies its keys/values to its K beam rows (HF prefills K copies).
 3. **Decode step.** `decode_step(llm, cache, input_ids [R, 1], cache_position [1]) ->
    logits [R, V]` (fp32): fixed shapes, the position is a tensor, the cache is written in
    place, so `torch.compile(fullgraph=True, dynamic=False)` compiles it once per cache.
@@ -100,6 +101,26 @@ def decode_step(llm: PreTrainedModel, cache: StaticCache, input_ids: torch.Tenso
 
 
 @torch.no_grad()
+def prefill_beams(llm: PreTrainedModel, cache: StaticCache, scratch: StaticCache, prefix: torch.Tensor,
+                  beams: int) -> torch.Tensor:
+    """Prefill for beam search: the [R, Nq, H] prefix runs once per image into `scratch`
+    (R rows), and its keys/values are copied to the K beam rows of `cache` (R*K rows, row
+    b*K + k). Returns next-token logits [R*K, V] fp32.
+
+    Why: every beam of an image starts from the same prefix, so HF's way (prefill the
+    prefix repeated K times) computes the same rows K times. At 77 prefix tokens and 4
+    beams that repeated prefill is a compute-bound product of 308 rows per image, the
+    largest part of a short caption's decode time on a CPU."""
+    scratch.reset()
+    logits = prefill(llm, scratch, prefix)  # [R, V]
+    nq = prefix.shape[1]
+    for big, small in zip(cache.layers, scratch.layers):
+        for dst, src in ((big.keys, small.keys), (big.values, small.values)):  # [rows, heads, L, head_dim]
+            dst[:, :, :nq].copy_(src[:, :, :nq].repeat_interleave(beams, dim=0))
+    return logits.repeat_interleave(beams, dim=0)
+
+
+@torch.no_grad()
 def reorder_cache_(cache: StaticCache, beam_idx: torch.Tensor, length: int) -> None:
     """Row i of every layer's keys/values becomes row beam_idx[i], for the first `length`
     positions, written back into the same buffers."""
@@ -161,6 +182,7 @@ class StaticDecoder:
         self.length_multiple = length_multiple
         self.max_caches = max_caches
         self._caches: OrderedDict[tuple, StaticCache] = OrderedDict()
+        self._prefill_caches: OrderedDict[tuple, StaticCache] = OrderedDict()
         self.compiled = compile
         self._compile_mode = compile_mode
         self._step = None
@@ -169,9 +191,17 @@ class StaticDecoder:
 
     def cache(self, rows: int, max_cache_len: int) -> StaticCache:
         """The cache for (rows, length) on the model's device/dtype, allocated once, LRU-kept."""
+        return self._cache(self._caches, rows, max_cache_len)
+
+    def prefill_cache(self, rows: int, max_cache_len: int) -> StaticCache:
+        """Beam search's per-image prefill cache (`prefill_beams`), kept apart so it never
+        evicts a decode cache; LRU-kept with the same bound, 1/K of the decode caches' size."""
+        return self._cache(self._prefill_caches, rows, max_cache_len)
+
+    def _cache(self, store: OrderedDict, rows: int, max_cache_len: int) -> StaticCache:
         dtype, device = self.llm.dtype, self.llm.device  # the activations' (also under weight quantization)
         key = (rows, max_cache_len, dtype, device)
-        cache = self._caches.get(key)
+        cache = store.get(key)
         if cache is None:
             cache = StaticCache(config=self.llm.config, max_cache_len=max_cache_len)
             text = self.llm.config.get_text_config(decoder=True)
@@ -179,15 +209,16 @@ class StaticDecoder:
             head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
             # Allocate now (not lazily inside a forward): fixed addresses from the start.
             cache.early_initialization(rows, heads, head_dim, dtype, device)
-            self._caches[key] = cache
-            while len(self._caches) > self.max_caches:
-                self._caches.popitem(last=False)
-        self._caches.move_to_end(key)
+            store[key] = cache
+            while len(store) > self.max_caches:
+                store.popitem(last=False)
+        store.move_to_end(key)
         return cache
 
     def clear(self) -> None:
         """Drop every cache (frees their memory)."""
         self._caches.clear()
+        self._prefill_caches.clear()
 
     @property
     def step_fn(self):
@@ -239,14 +270,16 @@ class StaticDecoder:
         beams = gen.num_beams
         if gen.max_new_tokens < 1:
             return torch.empty((n, 0), dtype=torch.long, device=prefix.device)
-        # 1. Pad to the bucket with zero rows (dropped at the end), one row per beam.
+        # 1. Pad to the bucket with zero rows (dropped at the end).
         x = torch.cat([prefix, prefix.new_zeros(rows - n, nq, hidden)]) if rows > n else prefix  # [rows, Nq, H]
-        if beams > 1:
-            x = x.repeat_interleave(beams, dim=0)  # [rows*K, Nq, H], row b*K + k
-        # 2. Prefill into the reset cache.
-        cache = self.cache(x.shape[0], round_up(nq + gen.max_new_tokens, self.length_multiple))
+        # 2. Prefill into the reset cache, one row per beam (row b*K + k).
+        length = round_up(nq + gen.max_new_tokens, self.length_multiple)
+        cache = self.cache(rows * beams, length)
         cache.reset()
-        logits = prefill(self.llm, cache, x)  # [rows*K, V]
+        if beams == 1:
+            logits = prefill(self.llm, cache, x)  # [rows, V]
+        else:
+            logits = prefill_beams(self.llm, cache, self.prefill_cache(rows, length), x, beams)  # [rows*K, V]
         step_fn = self.step_fn
 
         def step(input_ids: torch.Tensor, t: int) -> torch.Tensor:
