@@ -200,7 +200,10 @@ class Pool {
     }
   }
 
-  static constexpr int kSpins = 2000;  // ~20-50 us of pause instructions
+  // ~0.5 ms of pause instructions: long enough to span the torch ops between two products
+  // of a decode step (torch runs on one thread meanwhile, `kernel_threads`), so a worker is
+  // awake for the next call; a futex wake-up costs more than a small product.
+  static constexpr int kSpins = 20000;
   std::vector<std::thread> threads_;
   std::mutex run_mutex_;
   std::mutex mutex_;

@@ -86,14 +86,20 @@ def _int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"vlv::int8_weight_linear: x has {x.shape[-1]} input features, the weight {k}")
-    x2 = x.detach().reshape(-1, k)
-    if x2.stride(-1) != 1:
+    x2 = x.detach().reshape(-1, k) if x.requires_grad else x.reshape(-1, k)
+    if x2.stride(-1) != 1:  # the kernel takes any row stride
         x2 = x2.contiguous()
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    b = None if bias is None else bias.detach().contiguous().numpy()
-    module.int8_linear(x2.numpy(), weight.detach().contiguous().numpy(), scale.detach().contiguous().numpy(), b,
+    module.int8_linear(x2.numpy(), _array(weight), _array(scale), None if bias is None else _array(bias),
                        y.numpy(), _threads())
     return y.reshape(*x.shape[:-1], n)
+
+
+def _array(t: torch.Tensor):
+    # A numpy view; detach/contiguous only when needed (~100 calls per decode step).
+    if t.requires_grad:
+        t = t.detach()
+    return t.numpy() if t.is_contiguous() else t.contiguous().numpy()
 
 
 @torch.library.custom_op("vlv::int8_weight_linear", mutates_args=(), device_types="cpu")
