@@ -133,7 +133,7 @@ def test_fused_group_gives_each_member_its_own_rows_in_any_call_order():
     # the kept outputs are dropped once every member has taken its own
     for n in names:
         getattr(fused, n)(x)
-    assert group._x is None and group._kept == []
+    assert group._state is None
 
 
 def test_fused_group_runs_one_kernel_call(monkeypatch):

@@ -235,21 +235,22 @@ class FusedInputGroup:
             m._group, m._index = self, i
             self.bounds.append((lo, hi))
             lo = hi
-        self._x: torch.Tensor | None = None
-        self._kept: list[torch.Tensor | None] = []
-        self._left = 0
+        # (input, outputs not yet taken): one attribute, swapped whole, so a thread never
+        # pairs one call's input with another call's outputs.
+        self._state: tuple[torch.Tensor, list[torch.Tensor | None]] | None = None
 
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        if self._x is x and self._kept[index] is not None:
-            out, self._kept[index] = self._kept[index], None
-            self._left -= 1
-            if self._left == 0:
-                self._x, self._kept = None, []
+        state = self._state
+        if state is not None and state[0] is x and state[1][index] is not None:
+            kept = state[1]
+            out, kept[index] = kept[index], None
+            if all(o is None for o in kept) and self._state is state:
+                self._state = None
             return out
         y = _linear_fn()(x, self.weight, self.scale, self.bias)
-        kept: list[torch.Tensor | None] = [y[..., lo:hi] for lo, hi in self.bounds]
+        kept = [y[..., lo:hi] for lo, hi in self.bounds]
         out, kept[index] = kept[index], None
-        self._x, self._kept, self._left = x, kept, len(kept) - 1
+        self._state = (x, kept)
         return out
 
 
