@@ -165,3 +165,17 @@ def test_mode_latents_are_the_scaled_posterior_mean():
     assert torch.equal(mode, moments[:, :4] * 2.0)
     sampled = sample_latents(moments, gen, 2.0)
     assert not torch.allclose(sampled, mode)
+
+
+def test_stopped_time_is_reported_beside_the_wall_time(tmp_path):
+    log = tmp_path / "recipe_log.jsonl"
+    records = [{"phase": "stage1", "step": 100, "loss": 0.5, "wall_s": 600.0, "complete": False},
+               {"phase": "stage1", "paused_s": 120.0, "note": "stopped for a benchmark"},
+               {"phase": "stage1", "step": 200, "loss": 0.4, "wall_s": 300.0, "complete": True}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    rec = nano.phase_records(tmp_path)["stage1"]
+    assert rec["wall_s"] == 900.0 and rec["paused_s"] == 120.0 and rec["chunks"] == 2
+    assert rec["step"] == 200 and rec["complete"]  # the note does not overwrite the last chunk
+    text = nano.render_report({"phases": {"stage1": rec}, "checks": {}, "command": "x"})
+    assert "| stage1 | 200 | 0.4000 | 15.0 min | 2.0 min | 2 | yes |" in text
+    assert "0.25 h (0.22 h running; the process was stopped for 2 min in all)" in text

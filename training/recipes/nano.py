@@ -332,7 +332,12 @@ def phase_records(root: Path) -> dict[str, dict[str, Any]]:
         phase = rec.get("phase")
         if phase not in PHASES:
             continue
-        cur = out.setdefault(phase, {"wall_s": 0.0, "chunks": 0})
+        cur = out.setdefault(phase, {"wall_s": 0.0, "chunks": 0, "paused_s": 0.0})
+        if "paused_s" in rec:
+            # A note, not a chunk: for how long the process was stopped (SIGSTOP) during
+            # this phase, e.g. to benchmark on an idle machine. Wall times include it.
+            cur["paused_s"] += float(rec["paused_s"])
+            continue
         cur["wall_s"] += float(rec.get("wall_s", 0.0))
         cur["chunks"] += 1
         cur.update(step=rec.get("step"), loss=rec.get("loss"), complete=bool(rec.get("complete")),
@@ -403,18 +408,23 @@ def render_report(result: dict[str, Any]) -> str:
     if machine:
         lines += [f"Machine: {machine.get('cpu', '?')}, {machine.get('cpu_threads')} threads, "
                   f"torch {machine.get('torch')}, Python {machine.get('python')}.", ""]
-    lines += ["| phase | steps | final loss | wall time | chunks | finished |", "| --- | --- | --- | --- | --- | --- |"]
-    total = 0.0
+    lines += ["| phase | steps | final loss | wall time | of which stopped | chunks | finished |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    total = paused = 0.0
     for phase in PHASES:
         r = phases.get(phase)
         if r is None:
-            lines.append(f"| {phase} | - | - | - | - | no |")
+            lines.append(f"| {phase} | - | - | - | - | - | no |")
             continue
         total += r["wall_s"]
+        paused += r.get("paused_s", 0.0)
         loss = "-" if r.get("loss") is None else f"{r['loss']:.4f}"
-        lines.append(f"| {phase} | {r.get('step')} | {loss} | {r['wall_s'] / 60:.1f} min | {r['chunks']} | "
-                     f"{'yes' if r.get('complete') else 'no'} |")
-    lines += ["", f"Total wall time so far: {total / 3600:.2f} h.", "", "## Checks", ""]
+        stopped = f"{r['paused_s'] / 60:.1f} min" if r.get("paused_s") else "-"
+        lines.append(f"| {phase} | {r.get('step')} | {loss} | {r['wall_s'] / 60:.1f} min | {stopped} | "
+                     f"{r['chunks']} | {'yes' if r.get('complete') else 'no'} |")
+    lines += ["", f"Total wall time so far: {total / 3600:.2f} h"
+              + (f" ({(total - paused) / 3600:.2f} h running; the process was stopped for "
+                 f"{paused / 60:.0f} min in all)." if paused else "."), "", "## Checks", ""]
     if "vae" in checks:
         lines.append(f"- VAE: colour + cell of held-out single objects read back from reconstructions: "
                      f"{_pct(checks['vae']['color_and_cell'])} (n={int(checks['vae']['n'])}).")
