@@ -20,6 +20,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 # The keys of vlv_engine.models.diffusion.SAMPLERS, spelled out so that parsing
 # arguments does not import diffusers (a test keeps the two equal).
 SAMPLER_NAMES = ["ddpm", "ddim", "dpm", "dpm-sde"]
+DECODER_NAMES = ["static", "compiled", "reference"]  # vlv_engine.engine.decode.DECODERS, likewise
 
 log = logging.getLogger("vlv")
 
@@ -43,6 +44,8 @@ def _load_engine(args: argparse.Namespace, device: str | None = None, **kwargs):
 
     if getattr(args, "quantize", None):
         kwargs.setdefault("quantize", args.quantize)
+    if getattr(args, "decoder", None):
+        kwargs.setdefault("decoder", args.decoder)
     return Engine.from_pretrained(args.model, device=device or args.device, dtype=getattr(torch, DTYPES[args.dtype]),
                                   **kwargs)
 
@@ -58,7 +61,8 @@ def _ray_engines(args: argparse.Namespace, options) -> None:
 
     options.engine_factory = functools.partial(Engine.from_pretrained, args.model, device=args.device,
                                                dtype=getattr(torch, DTYPES[args.dtype]),
-                                               load_diffusion=args.self_check, quantize=args.quantize)
+                                               load_diffusion=args.self_check, quantize=args.quantize,
+                                               decoder=args.decoder)
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -302,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--quantize", help="quantize the caption LLM: int8_cpu (CPU, native kernel), "
                                               "int8_dynamic, int4_cpu, int8_weight_only, int4_weight_only, fp8 "
                                               "(vlv_engine/engine/quantize.py)")
+            p.add_argument("--decoder", default="static", choices=DECODER_NAMES,
+                           help="the LLM decode loop: static (static KV cache, eager step; the default), "
+                                "compiled (the step under torch.compile: faster per token, compiles once per "
+                                "batch bucket, ~1 min each on a CPU; for long jobs) or reference (HF generate)")
 
     def sampler_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--sampler", choices=SAMPLER_NAMES,

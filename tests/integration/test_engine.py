@@ -216,3 +216,21 @@ def test_the_stochastic_solver_draws_fresh_noise_each_step(tiny, rgb_images):
 def test_unknown_sampler_is_refused(tiny, rgb_images):
     with pytest.raises(ValueError, match="unknown sampler"):
         tiny.reconstruct(rgb_images[:1], sampler="euler-x")
+
+
+@pytest.mark.parametrize("command", ["caption", "eval", "serve"])
+def test_decoder_flag_reaches_the_engine(command, monkeypatch):
+    from vlv_engine import Engine
+    from vlv_engine.cli import DECODER_NAMES, _load_engine, build_parser
+    from vlv_engine.engine.decode import DECODERS
+
+    assert sorted(DECODER_NAMES) == sorted(DECODERS)
+    argv = {"caption": ["caption", "x.png"], "eval": ["eval", "shapes"], "serve": ["serve"]}[command]
+    args = build_parser().parse_args([*argv, "--decoder", "compiled"])
+    seen = {}
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, path, **kw: seen.update(kw)))
+    _load_engine(args)
+    assert seen["decoder"] == "compiled"
+    assert build_parser().parse_args(argv).decoder == "static"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--decoder", "fast"])
