@@ -36,6 +36,10 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
+    # Warm restarts: the schedule first runs as if the run ended at cycle_ends[0], then at
+    # the next end, ..., then at `steps`; at each end the lr jumps to the next curve's value
+    # there (what extending a finished run by resuming it under more steps does).
+    cycle_ends: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -118,6 +122,8 @@ def _build(cls, data: dict[str, Any], where: str):
             value = _build(sub, value or {}, name)
         elif name == "betas":
             value = tuple(float(v) for v in value)
+        elif name == "cycle_ends":
+            value = [int(v) for v in ([value] if isinstance(value, (int, str)) else value)]
         else:
             value = _coerce(value, str(known[name].type), f"{where + '.' if where else ''}{name}")
         kwargs[name] = value

@@ -51,11 +51,13 @@ def init_distributed(device: torch.device) -> Dist:
 
 
 def lr_lambda(cfg: TrainConfig):
-    warmup, total, floor = cfg.optim.warmup_steps, max(cfg.steps, 1), cfg.optim.min_lr_ratio
+    warmup, floor = cfg.optim.warmup_steps, cfg.optim.min_lr_ratio
+    ends = sorted(e for e in cfg.optim.cycle_ends if 0 < e < cfg.steps) + [max(cfg.steps, 1)]
 
     def factor(step: int) -> float:
         if warmup > 0 and step < warmup:
             return (step + 1) / warmup
+        total = next((e for e in ends if step < e), ends[-1])  # the end of this step's cycle
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         if cfg.optim.schedule == "cosine":
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

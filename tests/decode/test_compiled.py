@@ -26,8 +26,12 @@ def test_compiled_step_equals_eager_and_compiles_once_per_cache(eos_llm):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     with torch._dynamo.config.patch(error_on_recompile=True):
         check(4, 71, greedy)  # the same bucket, other prefixes and lengths: no recompile
-        check(2, 72, beams)  # 2 rows x 2 beams: the same 4-row cache, reordered in place
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+        check(2, 72, beams)  # 2 rows x 2 beams: the same 4-row cache, reordered inside the beam step
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # the step and the beam step
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        check(1, 73, GenerationConfig(max_new_tokens=16, num_beams=4))  # 1 x 4 beams: the same cache again
+        check(2, 75, beams)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
     # The compiled step's logits match the eager step's closely at every position.
     cache = compiled.cache(4, 64)

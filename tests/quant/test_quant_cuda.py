@@ -21,6 +21,17 @@ CUDA_TOKENS = {"int8_weight_only": 0.98, "int8_dynamic": 0.98, "int4_weight_only
 CUDA_SQNR = {"int8_weight_only": 35.0, "int8_dynamic": 30.0, "int4_weight_only": 18.0, "fp8": 20.0}
 
 
+@pytest.fixture(autouse=True)
+def _fresh_cuda_graphs():
+    """Each test starts with fresh compiled code and CUDA graph trees: a step that fails
+    inside a graph's warm-up leaves the process-wide tree in a state the next test trips on."""
+    yield
+    torch._dynamo.reset()
+    from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+    reset_cudagraph_trees()
+
+
 def _supports(scheme: str) -> bool:
     need = SCHEMES[scheme].min_capability
     return need is None or torch.cuda.get_device_capability() >= need

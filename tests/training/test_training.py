@@ -120,3 +120,23 @@ def test_min_snr_weights_favour_noisy_steps():
     w = snr_weights(sched, torch.tensor([0, 500, 999]), "min_snr", 5.0)
     assert w[0] < w[1] <= w[2] <= 1.0 + 1e-6  # low-noise steps (huge SNR) are down-weighted
     assert snr_weights(sched, torch.tensor([3]), "none", 5.0) is None
+
+
+def test_cosine_with_a_warm_restart_is_the_schedule_of_an_extended_run():
+    """cycle_ends=[3000] at 7,000 steps: the first 3,000 steps follow a 3,000-step cosine,
+    then the lr jumps to the 7,000-step cosine's value, as when a finished 3,000-step run
+    is resumed under steps=7000."""
+    from vlv_training.config import load_config
+    from vlv_training.trainer import lr_lambda
+
+    over = ["optim.warmup_steps=500", "optim.min_lr_ratio=0.1"]
+    restart = lr_lambda(load_config(None, ["steps=7000", "optim.cycle_ends=[3000]", *over]))
+    short = lr_lambda(load_config(None, ["steps=3000", *over]))
+    long = lr_lambda(load_config(None, ["steps=7000", *over]))
+    for step in (0, 499, 500, 1500, 2999):
+        assert restart(step) == short(step)
+    for step in (3000, 4000, 6999):
+        assert restart(step) == long(step)
+    assert restart(2999) < 0.11 and abs(restart(3000) - 0.705) < 0.005  # the jump: 5e-5 -> ~3.5e-4 at lr 5e-4
+    with pytest.raises(ValueError, match="not a number|invalid literal"):
+        load_config(None, ["optim.cycle_ends=[soon]"])

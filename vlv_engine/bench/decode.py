@@ -52,8 +52,27 @@ def _step_seconds(decoder, prefix: torch.Tensor, n1: int, n2: int, eos: int, rep
     return max(t2 - t1, 1e-9) / (n2 - n1), outs[n2]
 
 
+def _kernel_ms_per_step(decoder, prefix: torch.Tensor, n1: int, n2: int, eos: int) -> float | None:
+    """GPU kernel time per step (CUDA): the profiler's summed kernel time of an n2-token call
+    minus an n1-token one, over n2 - n1. Beside the measured step time it says whether a step
+    waits on the GPU (kernel time ~ step time) or on the host (kernel time well below it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    totals = []
+    for n in (n1, n2):
+        gen = GenerationConfig(max_new_tokens=n, num_beams=1)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            decoder.generate(prefix, gen, eos_token_id=eos, pad_token_id=0)
+            torch.cuda.synchronize()
+        totals.append(sum(e.self_device_time_total for e in prof.key_averages()) / 1e3)  # ms
+    per_step = (totals[1] - totals[0]) / (n2 - n1)
+    return round(per_step, 3) if per_step > 0 else None
+
+
 def run_decode(setup: BenchSetup, batches: list[int], *, repeats: int, bandwidth: float,
-               schemes: list[str] | None = None, dtype: torch.dtype | None = None, compile: bool = True) -> list[Row]:
+               schemes: list[str] | None = None, dtype: torch.dtype | None = None, compile: bool = True,
+               on_row=lambda row: None) -> list[Row]:
     ref_llm = setup.reference.model.caption_decoder.llm
     hidden = ref_llm.config.get_text_config(decoder=True).hidden_size
     nq = setup.reference.config.encoder.num_queries
@@ -78,7 +97,14 @@ def run_decode(setup: BenchSetup, batches: list[int], *, repeats: int, bandwidth
                      "bw_bound_pct": round(100 * bound_s / fast_s, 1),
                      "ref_bw_bound_pct": round(100 * (ref_bytes / bandwidth) / ref_s, 1),
                      "token_match": round(token_match(ids, ref_ids), 3)}
+            if setup.device.type == "cuda":
+                try:
+                    extra["gpu_kernel_ms"] = _kernel_ms_per_step(decoder, prefix.to(decoder.llm.dtype), n1, n2,
+                                                                 setup.never_eos)
+                except Exception as err:  # a diagnostic only: the profiler may not see into CUDA graphs
+                    extra["gpu_kernel_ms"] = f"unavailable ({type(err).__name__})"
             rows.append(Row("decode", "ms/token", "ms", batch, fast_s * 1e3, ref_s * 1e3, "lower", extra))
+            on_row(rows[-1])
             rows.append(Row("decode", "tokens/s", "tok/s", batch, batch / fast_s, batch / ref_s, "higher",
                             {"path": label}))
     return rows

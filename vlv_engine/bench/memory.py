@@ -27,7 +27,7 @@ def probe(args: argparse.Namespace) -> dict:
     from vlv_engine.engine.engine import Engine
 
     device = torch.device(args.device)
-    model, _ = load_model(args.preset)
+    model, _ = load_model(args.preset, device=device)
     if args.pipeline == "reference":
         kwargs = {"dtype": torch.float32, "decoder": "reference"}
         if has_encoder_backends():

@@ -71,7 +71,7 @@ def caption_tokens(engine, decoder, pixels: torch.Tensor, gen: GenerationConfig,
     return decoder.generate(prefix, gen, eos_token_id=eos, pad_token_id=0)
 
 
-def _random_model(name: str, seed: int):
+def _random_model(name: str, seed: int, device: torch.device | None = None):
     from vlv_engine.config import preset
     from vlv_engine.models import VLVModel
 
@@ -81,15 +81,19 @@ def _random_model(name: str, seed: int):
         # (<s> + 10 BPE tokens of "Describe in detail what is shown in the image." + </s>).
         config.encoder.prompt_ids = [0, *range(1000, 1010), 2]
     torch.manual_seed(seed)
-    model = VLVModel.from_config(config, with_diffusion=False).eval().requires_grad_(False)
+    # Built where it runs: the paper preset's ~4B parameters initialise in seconds on a GPU
+    # and in minutes on its host's CPU (the values differ per device; each run is seeded).
+    with torch.device(device or "cpu"):
+        model = VLVModel.from_config(config, with_diffusion=False).eval().requires_grad_(False)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.to(torch.bfloat16))  # bf16 values: a bf16 fast path holds the same weights
     return model, None
 
 
-def load_model(preset: str, seed: int = 0, with_diffusion: bool = False):
-    """(VLVModel in fp32 on the CPU, llm tokenizer or None)."""
+def load_model(preset: str, seed: int = 0, with_diffusion: bool = False, device: str | torch.device | None = None):
+    """(VLVModel in fp32, llm tokenizer or None): random presets are built on `device`
+    (default the CPU), loaded ones on the CPU."""
     if preset == "nano":
         from vlv_engine.checkpoint.folder import load_folder
         from vlv_engine.engine.engine import default_model_path
@@ -97,7 +101,7 @@ def load_model(preset: str, seed: int = 0, with_diffusion: bool = False):
         loaded = load_folder(default_model_path(), dtype=torch.float32, load_diffusion=with_diffusion)
         return loaded.model.eval().requires_grad_(False), loaded.llm_tokenizer
     if preset in ("small", "paper"):
-        return _random_model(preset, seed)
+        return _random_model(preset, seed, torch.device(device) if device is not None else None)
     if preset == "tiny":  # the test suites' model
         from vlv_engine.testing import tiny_model
 
@@ -123,7 +127,7 @@ def build_setup(preset: str, *, device: str | torch.device = "cpu", fast_dtype: 
     device = torch.device(device)
     if preset == "paper" and device.type != "cuda":
         raise ValueError("the paper preset runs on a GPU only (--device cuda)")
-    model, _ = load_model(preset, seed, with_diffusion=with_diffusion)
+    model, _ = load_model(preset, seed, with_diffusion=with_diffusion, device=device)
     default_tokens, default_beams = PRESET_DEFAULTS[preset]
     fast_dtype = fast_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     enc_kwargs = {}

@@ -98,7 +98,7 @@ def run_bench(opts: BenchOptions, log=lambda msg: None) -> BenchResult:
         t = time.perf_counter()
         log(f"{suite}: running...")
         try:
-            new = _run_suite(suite, opts, setup, device, batches, bandwidth, fast_dtype)
+            new = _run_suite(suite, opts, setup, device, batches, bandwidth, fast_dtype, log)
         except _Skip as why:
             skipped[suite] = str(why)
             log(f"{suite}: skipped ({why})")
@@ -123,7 +123,15 @@ class _Skip(Exception):
     pass
 
 
-def _run_suite(suite, opts, setup, device, batches, bandwidth, fast_dtype) -> list[Row]:
+def _row_line(row: Row) -> str:
+    """A row as one progress line: a run stopped from outside (a time limit) keeps in its
+    log what the suite measured before it ended."""
+    ref = f"{row.reference:.4g}" if row.reference is not None else "-"
+    return (f"{row.suite}: {row.metric} at batch {row.batch}: {row.fast:.4g} {row.unit} (reference {ref}) "
+            + ", ".join(f"{k}={v}" for k, v in row.extra.items()))
+
+
+def _run_suite(suite, opts, setup, device, batches, bandwidth, fast_dtype, log=lambda msg: None) -> list[Row]:
     if suite == "encoder":
         from vlv_engine.bench.encoder import run_encoder
 
@@ -133,7 +141,8 @@ def _run_suite(suite, opts, setup, device, batches, bandwidth, fast_dtype) -> li
 
         dtype = fast_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         return run_decode(setup, batches, repeats=opts.repeats, bandwidth=bandwidth,
-                          schemes=list(opts.decode_schemes), dtype=dtype, compile=opts.compile_decoder)
+                          schemes=list(opts.decode_schemes), dtype=dtype, compile=opts.compile_decoder,
+                          on_row=lambda row: log(_row_line(row)))
     if suite == "e2e":
         from vlv_engine.bench.e2e import run_e2e
 

@@ -62,12 +62,17 @@ def _early_stop_heuristic(unsatisfied: torch.Tensor, running_beam_scores: torch.
 @torch.no_grad()
 def beam_search(step: StepFn, reorder: ReorderFn, first_logits: torch.Tensor, *, batch_size: int, num_beams: int,
                 max_new_tokens: int, eos_token_id: int | None, pad_token_id: int, length_penalty: float = 1.0,
-                early_stopping: bool | str = True, prefix_len: int = 0, num_real: int | None = None) -> torch.Tensor:
+                early_stopping: bool | str = True, prefix_len: int = 0, num_real: int | None = None,
+                check_every: int = 1) -> torch.Tensor:
     """Beam search from the prefill logits [B*K, V] (every beam of a row holds the same prefix).
 
     Returns the best hypothesis of each real row, [num_real, T] new tokens, T the longest
     of them (HF's output length), padded with `pad_token_id` after EOS. `prefix_len` is the
-    number of cache positions filled before the first new token (the prefix length)."""
+    number of cache positions filled before the first new token (the prefix length).
+    check_every: steps between the stop checks (each one a host sync on a GPU). Steps
+    past the point where a row is done change nothing of it: its finished hypotheses
+    take no new entry once no improvement is possible, or once all K are in with
+    early_stopping=True, so checking late gives the same result."""
     B, K = batch_size, num_beams
     n = B if num_real is None else num_real
     device = first_logits.device
@@ -142,11 +147,14 @@ def beam_search(step: StepFn, reorder: ReorderFn, first_logits: torch.Tensor, *,
         cur_len += 1
         unsatisfied = _early_stop_heuristic(unsatisfied, running_beam_scores, beam_scores, is_sent_finished,
                                             cur_len, max_length, early_stopping, length_penalty)
-        improvement_possible = torch.any(unsatisfied[:n])
-        exists_open_beam = ~(torch.all(is_sent_finished[:n]) & (early_stopping is True))
-        valid_continuations = ~torch.all(hits[:n])
-        if not bool(improvement_possible & exists_open_beam & valid_continuations):
+        if cur_len >= max_length:
             break
+        if cur_len % check_every == 0:
+            improvement_possible = torch.any(unsatisfied[:n])
+            exists_open_beam = ~(torch.all(is_sent_finished[:n]) & (early_stopping is True))
+            valid_continuations = ~torch.all(hits[:n])
+            if not bool(improvement_possible & exists_open_beam & valid_continuations):
+                break
 
         # 8. Move each beam's cache to its new row, feed the chosen tokens.
         reorder(beam_idx, prefix_len + cur_len - 1)

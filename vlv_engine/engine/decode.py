@@ -100,6 +100,18 @@ def decode_step(llm: PreTrainedModel, cache: StaticCache, input_ids: torch.Tenso
     return out.logits[:, -1].to(torch.float32)
 
 
+def reordered_decode_step(llm: PreTrainedModel, cache: StaticCache, input_ids: torch.Tensor,
+                          cache_position: torch.Tensor, beam_idx: torch.Tensor) -> torch.Tensor:
+    """Beam search's step: move every cache row to its beam's source row (`beam_idx` [R]),
+    then `decode_step`. Compiled, the reordering is inside the step's graph: on CUDA that is
+    one graph replay instead of ~4 kernel launches per layer from the host each step. It
+    copies whole cache rows (static shapes); positions past the filled ones are masked."""
+    for layer in cache.layers:
+        for buf in (layer.keys, layer.values):  # [R, heads, L, head_dim]
+            buf.copy_(buf.index_select(0, beam_idx))
+    return decode_step(llm, cache, input_ids, cache_position)
+
+
 @torch.no_grad()
 def prefill_beams(llm: PreTrainedModel, cache: StaticCache, scratch: StaticCache, prefix: torch.Tensor,
                   beams: int) -> torch.Tensor:
@@ -130,25 +142,44 @@ def reorder_cache_(cache: StaticCache, beam_idx: torch.Tensor, length: int) -> N
             used.copy_(used.index_select(0, beam_idx.to(buf.device)))
 
 
+def stop_check_interval(device: torch.device) -> int:
+    """Steps between the search's "has every row finished?" checks. Each check waits for
+    the GPU (a host sync), which leaves it idle while the host prepares the next step; on
+    CUDA the loop checks every 8 steps and the extra steps change nothing (finished rows
+    are masked), so at most 7 steps are spent past the end. A CPU has no such wait."""
+    return 8 if device.type == "cuda" else 1
+
+
 def greedy_search(step, first_logits: torch.Tensor, *, max_new_tokens: int, eos_token_id: int | None,
-                  pad_token_id: int, num_real: int | None = None) -> torch.Tensor:
+                  pad_token_id: int, num_real: int | None = None, check_every: int = 1) -> torch.Tensor:
     """Greedy decoding from the prefill logits [R, V]; `step(input_ids [R, 1], t)` feeds the
-    t-th new token. Returns [num_real, T]."""
+    t-th new token. Returns [num_real, T], T the longest caption (EOS included).
+    check_every: steps between the stop checks (`stop_check_interval`)."""
     rows = first_logits.shape[0]
     n = rows if num_real is None else num_real
     out = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=first_logits.device)
     unfinished = torch.ones(rows, dtype=torch.bool, device=first_logits.device)
+    # The step at which each row emitted EOS (max_new_tokens: not yet), kept on the device.
+    ended = torch.full((rows,), max_new_tokens, dtype=torch.long, device=first_logits.device)
     logits = first_logits
     t = -1
     for t in range(max_new_tokens):
         nxt = torch.where(unfinished, logits.argmax(dim=-1), pad_token_id)  # [R]
         out[:, t] = nxt
         if eos_token_id is not None:
-            unfinished &= nxt != eos_token_id
-        if t + 1 == max_new_tokens or not bool(unfinished[:n].any()):
+            just = unfinished & (nxt == eos_token_id)
+            ended.masked_fill_(just, t)
+            unfinished &= ~just
+        if t + 1 == max_new_tokens:
+            break
+        if eos_token_id is not None and (t + 1) % check_every == 0 and not bool(unfinished[:n].any()):
             break
         logits = step(nxt.unsqueeze(1), t)
-    return out[:n, : t + 1]
+    if eos_token_id is None or n == 0:
+        return out[:n, : t + 1]
+    # The loop may have run past the last EOS (checks every `check_every` steps): cut there.
+    length = min(int(ended[:n].max()) + 1, t + 1)
+    return out[:n, :length]
 
 
 # --------------------------------------------------------------------------- decoders
@@ -163,6 +194,32 @@ class ReferenceDecoder:
     def generate(self, prefix: torch.Tensor, gen: GenerationConfig, *, eos_token_id: int | None,
                  pad_token_id: int | None) -> torch.Tensor:
         return generate_reference(self.llm, prefix, gen, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
+def cuda_step_options(scheme: str | None) -> dict:
+    """Inductor options of the compiled step on CUDA: "reduce-overhead" (CUDA graphs), and
+    for a torchao scheme the settings torchao's own `quantize_` would set globally (we pass
+    `set_inductor_config=False` and set them for this compile only):
+    * coordinate descent tuning, which int8 weight-only decoding needs: its batch-1 product
+      is a multiply + reduction kernel, slow at inductor's default launch configuration;
+    * `force_fuse_int_mm_with_mul`: int8 dynamic's int8 product and its scale become one
+      Triton kernel, which also takes fewer than 17 rows (cuBLAS's `_int_mm` refuses them)."""
+    import torch._inductor.config as inductor_config
+
+    options = {"triton.cudagraphs": True}
+    if scheme is not None and scheme not in NATIVE_SCHEMES:
+        options.update(coordinate_descent_tuning=True, coordinate_descent_check_all_directions=True,
+                       force_fuse_int_mm_with_mul=True, use_mixed_mm=True)
+    # Keep only what this torch's inductor knows (options are validated at compile time).
+    return {k: v for k, v in options.items() if k == "triton.cudagraphs" or hasattr(inductor_config, k)}
+
+
+def min_step_rows(scheme: str | None, device_type: str, compiled: bool) -> int:
+    """The fewest rows a decode step may run. int8 dynamic's compiled CUDA step multiplies
+    int8 activations with cuBLAS's `_int_mm`, which refuses 16 rows or fewer (its eager
+    path falls back by itself): such batches run padded to the 32-row bucket (on a GPU a
+    decode step reads the same weights for 1 or 32 rows)."""
+    return 17 if scheme == "int8_dynamic" and device_type == "cuda" and compiled else 1
 
 
 class StaticDecoder:
@@ -186,6 +243,7 @@ class StaticDecoder:
         self.compiled = compile
         self._compile_mode = compile_mode
         self._step = None
+        self._beam_step = None
 
     # ------------------------------------------------------------------ caches and step
 
@@ -220,18 +278,25 @@ class StaticDecoder:
         self._caches.clear()
         self._prefill_caches.clear()
 
+    def _compile(self, fn):
+        mode, options = self._compile_mode, None
+        if mode is None and self.llm.device.type == "cuda":
+            options = cuda_step_options(getattr(self.llm, "vlv_quantization", None))
+        return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode, options=options)
+
     @property
     def step_fn(self):
         """`decode_step`, compiled on first use when `compile` is set."""
         if self._step is None:
-            if self.compiled:
-                mode = self._compile_mode
-                if mode is None and self.llm.device.type == "cuda":
-                    mode = "reduce-overhead"
-                self._step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
-            else:
-                self._step = decode_step
+            self._step = self._compile(decode_step) if self.compiled else decode_step
         return self._step
+
+    @property
+    def beam_step_fn(self):
+        """`reordered_decode_step`, compiled on first use (compiled decoders only)."""
+        if self._beam_step is None:
+            self._beam_step = self._compile(reordered_decode_step)
+        return self._beam_step
 
     def _threads(self):
         """The thread policy of the loop: with our int8 CPU kernel, the cores go to its pool
@@ -266,8 +331,9 @@ class StaticDecoder:
     def _generate_bucket(self, prefix: torch.Tensor, gen: GenerationConfig, eos: int | None,
                          pad: int) -> torch.Tensor:
         n, nq, hidden = prefix.shape
-        rows = bucket_batch(n, self.batch_buckets)
         beams = gen.num_beams
+        least = min_step_rows(getattr(self.llm, "vlv_quantization", None), self.llm.device.type, self.compiled)
+        rows = bucket_batch(max(n, -(-least // beams)), self.batch_buckets)
         if gen.max_new_tokens < 1:
             return torch.empty((n, 0), dtype=torch.long, device=prefix.device)
         # 1. Pad to the bucket with zero rows (dropped at the end).
@@ -281,20 +347,37 @@ class StaticDecoder:
         else:
             logits = prefill_beams(self.llm, cache, self.prefill_cache(rows, length), x, beams)  # [rows*K, V]
         step_fn = self.step_fn
+        # The position lives on the device and is filled in place: a tensor made from a
+        # host int each step would be a host-to-device copy, which waits for the GPU.
+        position = torch.empty(1, dtype=torch.long, device=prefix.device)
 
         def step(input_ids: torch.Tensor, t: int) -> torch.Tensor:
-            position = torch.tensor([nq + t], dtype=torch.long, device=input_ids.device)
+            position.fill_(nq + t)
             # Contiguous: beam search passes a strided view, and a compiled step guards on strides.
             return step_fn(self.llm, cache, input_ids.contiguous(), position)
 
         # 3. Search.
+        check_every = stop_check_interval(prefix.device)
         if beams == 1:
             return greedy_search(step, logits, max_new_tokens=gen.max_new_tokens, eos_token_id=eos,
-                                 pad_token_id=pad, num_real=n)
-        return beam_search(step, lambda idx, length: reorder_cache_(cache, idx, length), logits,
+                                 pad_token_id=pad, num_real=n, check_every=check_every)
+        if self.compiled:  # the reordering runs inside the compiled step
+            beam_step_fn, pending = self.beam_step_fn, []
+
+            def reorder(idx: torch.Tensor, length: int) -> None:
+                pending.append(idx.to(torch.long))
+
+            def step(input_ids: torch.Tensor, t: int) -> torch.Tensor:  # noqa: F811 (the beam variant)
+                position.fill_(nq + t)
+                return beam_step_fn(self.llm, cache, input_ids.contiguous(), position, pending.pop())
+        else:
+            def reorder(idx: torch.Tensor, length: int) -> None:
+                reorder_cache_(cache, idx, length)
+        return beam_search(step, reorder, logits,
                            batch_size=rows, num_beams=beams, max_new_tokens=gen.max_new_tokens,
                            eos_token_id=eos, pad_token_id=pad, length_penalty=gen.length_penalty,
-                           early_stopping=gen.early_stopping, prefix_len=nq, num_real=n)
+                           early_stopping=gen.early_stopping, prefix_len=nq, num_real=n,
+                           check_every=check_every)
 
 
 def make_decoder(kind: str, llm: PreTrainedModel) -> CaptionLLMDecoder:
