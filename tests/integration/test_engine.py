@@ -234,3 +234,22 @@ def test_decoder_flag_reaches_the_engine(command, monkeypatch):
     assert build_parser().parse_args(argv).decoder == "static"
     with pytest.raises(SystemExit):
         build_parser().parse_args([*argv, "--decoder", "fast"])
+
+
+@pytest.mark.parametrize("command", ["caption", "eval", "serve"])
+def test_encoder_quantize_flag_reaches_the_engine(command, monkeypatch):
+    from vlv_engine import Engine
+    from vlv_engine.cli import ENCODER_QUANT_NAMES, _load_engine, build_parser
+    from vlv_engine.engine.encoder_quant import ENCODER_SCHEMES
+
+    assert sorted(ENCODER_QUANT_NAMES) == sorted(ENCODER_SCHEMES)
+    argv = {"caption": ["caption", "x.png"], "eval": ["eval", "shapes"], "serve": ["serve"]}[command]
+    seen = {}
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, path, **kw: seen.update(kw)))
+    _load_engine(build_parser().parse_args([*argv, "--encoder-quantize", "int8_dynamic"]))
+    assert seen["encoder_quantize"] == "int8_dynamic"
+    seen.clear()
+    _load_engine(build_parser().parse_args(argv))
+    assert "encoder_quantize" not in seen
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--encoder-quantize", "int4"])

@@ -73,14 +73,34 @@ def _hasher(part: str, *configs: dict) -> "hashlib._Hash":
 
 def _hash_modules(h: "hashlib._Hash", *modules: torch.nn.Module) -> None:
     for module in modules:
-        for name, tensor in sorted(module.state_dict().items()):
-            _hash_tensor(h, name, tensor.detach())
+        for name, value in sorted(module.state_dict().items()):
+            _hash_value(h, name, value)
+
+
+def _hash_value(h: "hashlib._Hash", name: str, value: Any) -> None:
+    # A dynamically quantized linear (the int8 encoder) keeps (weight, bias) as a tuple
+    # in its state dict; its weight is a quantized tensor.
+    if isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            _hash_value(h, f"{name}.{i}", item)
+    elif isinstance(value, torch.Tensor):
+        _hash_tensor(h, name, value.detach())
+    elif value is not None:
+        h.update(f"{name}={value!r}".encode())
 
 
 def _hash_tensor(h: "hashlib._Hash", name: str, t: torch.Tensor) -> None:
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+    if t.is_quantized:  # int8 values and their scales (per channel or per tensor)
+        _hash_tensor(h, f"{name}.int", t.int_repr())
+        if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            _hash_tensor(h, f"{name}.scales", t.q_per_channel_scales())
+            _hash_tensor(h, f"{name}.zero_points", t.q_per_channel_zero_points())
+        else:
+            h.update(f"{name}.scale={t.q_scale()}:{t.q_zero_point()}".encode())
+        return
     if is_traceable_wrapper_subclass(t):  # a quantized weight (torchao): its packed data and scales
         inner, _ = t.__tensor_flatten__()
         for part in inner:

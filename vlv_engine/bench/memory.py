@@ -35,6 +35,8 @@ def probe(args: argparse.Namespace) -> dict:
     else:
         kwargs = {"dtype": getattr(torch, args.dtype), "decoder": "compiled" if args.compile else "static",
                   "quantize": args.quantize}
+        if args.encoder_quantize:
+            kwargs["encoder_quantize"] = args.encoder_quantize
         if has_encoder_backends():
             kwargs["encoder_backend"] = args.encoder_backend
     engine = Engine(model, device=device, **kwargs)
@@ -53,6 +55,7 @@ def probe(args: argparse.Namespace) -> dict:
 
 
 def run_memory(*, preset: str, device: torch.device, batch: int, dtype: torch.dtype, quantize: str | None,
+               encoder_quantize: str | None = None,
                compile: bool, new_tokens: int, num_beams: int, encoder_backend: str = "auto",
                timeout: float = 1800) -> list[Row]:
     results = {}
@@ -61,6 +64,8 @@ def run_memory(*, preset: str, device: torch.device, batch: int, dtype: torch.dt
                "--device", str(device), "--batch", str(batch), "--dtype", str(dtype).replace("torch.", ""),
                "--new-tokens", str(new_tokens), "--num-beams", str(num_beams), "--encoder-backend", encoder_backend]
         cmd += (["--quantize", quantize] if quantize else []) + (["--compile"] if compile else [])
+        if encoder_quantize and pipeline == "fast":
+            cmd += ["--encoder-quantize", encoder_quantize]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
             raise RuntimeError(f"memory probe ({pipeline}) failed: {done.stderr.strip()[-2000:]}")
@@ -84,6 +89,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--quantize")
+    p.add_argument("--encoder-quantize")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--encoder-backend", default="auto")
     p.add_argument("--new-tokens", type=int)

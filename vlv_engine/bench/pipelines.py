@@ -3,7 +3,7 @@
 * reference: the official code's way: fp32, eager attention, eager encoder, HF
   `generate` (`Engine(decoder="reference", encoder_backend="eager")`);
 * fast: `Engine(dtype=fast_dtype, decoder="compiled" | "static", encoder_backend="auto",
-  quantize=scheme)`.
+  quantize=scheme, encoder_quantize=scheme or None)`.
 
 Presets ("tiny" too, for the test suites): "nano" loads the bundled model folder (whatever its preset); "small" and
 "paper" build random weights at their preset's dimensions, rounded to bf16 values so
@@ -121,7 +121,7 @@ PRESET_DEFAULTS = {
 def build_setup(preset: str, *, device: str | torch.device = "cpu", fast_dtype: torch.dtype | None = None,
                 quantize: str | None = None, compile_decoder: bool = True, new_tokens: int | None = None,
                 num_beams: int | None = None, encoder_backend: str = "auto", with_diffusion: bool = False,
-                seed: int = 0) -> BenchSetup:
+                seed: int = 0, encoder_quantize: str | None = None) -> BenchSetup:
     from vlv_engine.engine.engine import Engine
 
     device = torch.device(device)
@@ -132,6 +132,7 @@ def build_setup(preset: str, *, device: str | torch.device = "cpu", fast_dtype: 
     fast_dtype = fast_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     enc_kwargs = {}
     notes: dict = {"fast_dtype": str(fast_dtype).replace("torch.", ""), "quantize": quantize or "none",
+                   "encoder_quantize": encoder_quantize or "none",
                    "fast_decoder": "compiled" if compile_decoder else "static"}
     if has_encoder_backends():
         enc_kwargs = {"encoder_backend": encoder_backend}
@@ -141,7 +142,7 @@ def build_setup(preset: str, *, device: str | torch.device = "cpu", fast_dtype: 
         notes["encoder_backend"] = "unavailable in this Engine: both encoders eager"
     reference = Engine(copy.deepcopy(model), device=device, dtype=torch.float32, decoder="reference", **ref_kwargs)
     fast = Engine(model, device=device, dtype=fast_dtype, decoder="compiled" if compile_decoder else "static",
-                  quantize=quantize, **enc_kwargs)
+                  quantize=quantize, **enc_kwargs, **({"encoder_quantize": encoder_quantize} if encoder_quantize else {}))
     if enc_kwargs:
         notes["encoder_backend"] = fast.encoder_backend.name
     fast_llm, ref_llm = fast.model.caption_decoder.llm, reference.model.caption_decoder.llm

@@ -24,6 +24,7 @@ class BenchOptions:
     device: str = "cpu"
     fast_dtype: str | None = None  # default: float32 on a CPU, bfloat16 on CUDA
     quantize: str | None = None  # the fast path's LLM scheme
+    encoder_quantize: str | None = None  # the fast path's encoder scheme (vlv_engine.engine.encoder_quant)
     decode_schemes: tuple[str, ...] = ()  # more decode rows: "none" (unquantized in the fast dtype) or schemes
     compile_decoder: bool = True
     encoder_backend: str = "auto"
@@ -87,6 +88,7 @@ def run_bench(opts: BenchOptions, log=lambda msg: None) -> BenchResult:
 
         log(f"building the {opts.preset} pipelines (fast and reference)...")
         setup = build_setup(opts.preset, device=device, fast_dtype=fast_dtype, quantize=opts.quantize,
+                            encoder_quantize=opts.encoder_quantize,
                             compile_decoder=opts.compile_decoder, new_tokens=opts.new_tokens,
                             num_beams=opts.num_beams, encoder_backend=opts.encoder_backend, seed=opts.seed)
         setup_info = setup.describe()
@@ -156,6 +158,7 @@ def _run_suite(suite, opts, setup, device, batches, bandwidth, fast_dtype, log=l
         dtype = fast_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         return run_memory(preset=opts.preset, device=device, batch=opts.memory_batch, dtype=dtype,
                           quantize=opts.quantize, compile=opts.compile_decoder,
+                          encoder_quantize=opts.encoder_quantize,
                           new_tokens=opts.new_tokens or tokens, num_beams=opts.num_beams or beams,
                           encoder_backend=opts.encoder_backend)
     if suite == "unet":

@@ -20,6 +20,7 @@ from vlv_engine.engine.backends.select import (BackendChoice, UNetRunner, build_
                                                build_vae_decoder_runner, select_backend)
 from vlv_engine.engine.decode import DECODERS, make_decoder
 from vlv_engine.engine.encoder_path import build_encoder_path
+from vlv_engine.engine.encoder_quant import check_encoder_scheme, quantize_encoder
 from vlv_engine.engine.encoder_select import select_encoder_backend
 from vlv_engine.engine.postprocess import official_postprocess
 from vlv_engine.engine.quantize import check_scheme, quantize_llm
@@ -41,7 +42,7 @@ class Engine:
                  dtype: torch.dtype = torch.float32, max_pixels: int | None = image_io.DEFAULT_MAX_PIXELS,
                  batch_size: int = DEFAULT_BATCH_SIZE, decoder: str = "static",
                  unet_backend: str | UNetRunner = "eager", encoder_backend: str = "eager", quantize: str | None = None,
-                 encoder_batch_size: int | None = None):
+                 encoder_batch_size: int | None = None, encoder_quantize: str | None = None):
         # decoder: how captions are decoded from the prefix: "static" (our static-KV-cache
         # loop, `vlv_engine.engine.decode`; the default: in fp32 its tokens equal HF's, its
         # KV memory is allocated once per batch bucket, and on a CPU it is as fast as HF or
@@ -57,6 +58,11 @@ class Engine:
         self.quantize = quantize
         if quantize is not None:
             check_scheme(quantize, device)
+        # encoder_quantize: None or "int8_dynamic" (CPU, float32, eager encoder backend):
+        # the encoder's and bottleneck's linears in int8 (`vlv_engine.engine.encoder_quant`).
+        self.encoder_quantize = encoder_quantize
+        if encoder_quantize is not None:
+            encoder_backend = check_encoder_scheme(encoder_quantize, device, dtype, encoder_backend)
         self._llm_decoder = None  # built on first use (caption_embeddings)
         self.device = torch.device(device)
         # encoder_batch_size: the most images per encoder forward (a caption batch is split
@@ -83,6 +89,9 @@ class Engine:
                 _place(module, self.device, want)
         if quantize is not None and self.model.caption_decoder is not None:
             quantize_llm(self.model.caption_decoder.llm, quantize, device=self.device)
+            _return_freed_memory()
+        if encoder_quantize is not None:
+            quantize_encoder([self.model.encoder, self.model.bottleneck], encoder_quantize)
             _return_freed_memory()
         self.llm_tokenizer = llm_tokenizer
         self.text_tokenizer = text_tokenizer
@@ -119,7 +128,7 @@ class Engine:
     @classmethod
     def from_official(cls, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                       decoder: str = "static", unet_backend: str = "eager", encoder_backend: str = "eager",
-                      quantize: str | None = None, **paths: Any) -> "Engine":
+                      quantize: str | None = None, encoder_quantize: str | None = None, **paths: Any) -> "Engine":
         """Load the released checkpoints; `paths` are those of
         `vlv_engine.checkpoint.official.load_official` (stage2, stage1, florence2, ...)."""
         from vlv_engine.checkpoint.official import load_official
@@ -127,7 +136,7 @@ class Engine:
         loaded = load_official(dtype=dtype, **paths)
         return cls(loaded.model, llm_tokenizer=loaded.llm_tokenizer, text_tokenizer=loaded.text_tokenizer,
                    device=device, dtype=dtype, decoder=decoder, unet_backend=unet_backend,
-                   encoder_backend=encoder_backend, quantize=quantize)
+                   encoder_backend=encoder_backend, quantize=quantize, encoder_quantize=encoder_quantize)
 
     def save_pretrained(self, path: str | Path) -> Path:
         from vlv_engine.checkpoint.folder import save_folder
