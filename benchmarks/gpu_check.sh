@@ -25,7 +25,8 @@
 # folder under /tmp and put on PYTHONPATH with the repository root.
 # Time: the steps' limits add up to ~17 minutes. --deadline S ends the whole check within S
 # seconds: each step gets what is left, in the order above (most wanted first), and a step
-# that would get under 40 s is skipped and says so.
+# that would get under 40 s is skipped and says so. A 15-minute lease (~1 minute to start)
+# fits `--deadline 780`; one 10-minute command fits `--deadline 570`.
 # --dry-run runs the same steps on the CPU with the nano preset (the CUDA tests skip):
 # a check of this script, not of the GPU.
 set -uo pipefail

@@ -50,12 +50,13 @@ def test_cuda_step_options_are_known_to_inductor_and_scheme_specific():
 
     from vlv_engine.engine.decode import cuda_step_options
 
-    assert cuda_step_options(None) == {"triton.cudagraphs": True}
-    assert cuda_step_options("int8_cpu") == {"triton.cudagraphs": True}  # our own kernel: nothing to tune
-    quant = cuda_step_options("int8_dynamic")
-    assert quant["triton.cudagraphs"] and quant.get("coordinate_descent_tuning") is True
-    assert "force_fuse_int_mm_with_mul" in quant  # small-row int8 products (cuBLAS refuses < 17 rows)
-    assert all(k == "triton.cudagraphs" or hasattr(inductor_config, k) for k in quant)
+    for plain in (None, "int8_cpu", "int4_weight_only", "fp8"):  # nothing inductor generates to tune
+        assert cuda_step_options(plain) == {"triton.cudagraphs": True}
+    weight_only = cuda_step_options("int8_weight_only")
+    assert weight_only["triton.cudagraphs"] and weight_only.get("coordinate_descent_tuning") is True
+    dynamic = cuda_step_options("int8_dynamic")
+    assert dynamic.get("force_fuse_int_mm_with_mul") is True and "coordinate_descent_tuning" not in dynamic
+    assert all(k == "triton.cudagraphs" or hasattr(inductor_config, k) for k in {**weight_only, **dynamic})
 
 
 def test_int8_dynamic_compiled_on_cuda_runs_at_least_17_rows(eos_llm, monkeypatch):

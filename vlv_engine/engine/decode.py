@@ -198,8 +198,8 @@ class ReferenceDecoder:
 
 def cuda_step_options(scheme: str | None) -> dict:
     """Inductor options of the compiled step on CUDA: "reduce-overhead" (CUDA graphs), and
-    for a torchao scheme the settings torchao's own `quantize_` would set globally (we pass
-    `set_inductor_config=False` and set them for this compile only):
+    for the int8 torchao schemes the settings of torchao's own `quantize_`, which it would set
+    globally (we pass `set_inductor_config=False` and set them for this compile only):
     * coordinate descent tuning, which int8 weight-only decoding needs: its batch-1 product
       is a multiply + reduction kernel, slow at inductor's default launch configuration;
     * `force_fuse_int_mm_with_mul`: int8 dynamic's int8 product and its scale become one
@@ -207,9 +207,13 @@ def cuda_step_options(scheme: str | None) -> dict:
     import torch._inductor.config as inductor_config
 
     options = {"triton.cudagraphs": True}
-    if scheme is not None and scheme not in NATIVE_SCHEMES:
+    # Each only where it pays: tuning adds compile time (minutes for a 36-layer step), and
+    # int4 / fp8 run their products in library kernels it does not touch.
+    if scheme == "int8_weight_only":
         options.update(coordinate_descent_tuning=True, coordinate_descent_check_all_directions=True,
-                       force_fuse_int_mm_with_mul=True, use_mixed_mm=True)
+                       use_mixed_mm=True)
+    elif scheme == "int8_dynamic":
+        options.update(force_fuse_int_mm_with_mul=True)
     # Keep only what this torch's inductor knows (options are validated at compile time).
     return {k: v for k, v in options.items() if k == "triton.cudagraphs" or hasattr(inductor_config, k)}
 
