@@ -110,9 +110,10 @@ PHASE_SETTINGS: dict[str, dict[str, Any]] = {
                # paper's is pretrained and frozen).
                "trainable": ["florence_vision", "florence_language", "queries", "language_proj"],
                # One warm restart at 3,000 steps (lr 5e-5 -> 3.5e-4): the bundled model's stage 1
-               # ran 3,000 steps and was then extended to 7,000. A from-scratch run with one
-               # 7,000-step cosine (attempt1/) captioned 75 % of held-out scenes exactly, the
-               # bundled model 91 % of the same scenes.
+               # ran 3,000 steps and was then extended to 7,000, and this says so. It is not
+               # what the from-scratch runs lack: with one 7,000-step cosine (nano_scratch/
+               # attempt1) they caption 75 % of held-out scenes exactly, with the restart 71 %,
+               # the bundled model 91 % (nano_scratch/attempt1/README.md).
                "optim": {"lr": 5e-4, "warmup_steps": 500, "min_lr_ratio": 0.1, "cycle_ends": [3_000]},
                "data": {"num_samples": 100_000, "seed": 3}, "save_every": 500},
     "stage2": {"steps": 6_000, "batch_size": 64,
