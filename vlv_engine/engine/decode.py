@@ -106,9 +106,7 @@ def reordered_decode_step(llm: PreTrainedModel, cache: StaticCache, input_ids: t
     then `decode_step`. Compiled, the reordering is inside the step's graph: on CUDA that is
     one graph replay instead of ~4 kernel launches per layer from the host each step. It
     copies whole cache rows (static shapes); positions past the filled ones are masked."""
-    for layer in cache.layers:
-        for buf in (layer.keys, layer.values):  # [R, heads, L, head_dim]
-            buf.copy_(buf.index_select(0, beam_idx))
+    reorder_cache_(cache, beam_idx)
     return decode_step(llm, cache, input_ids, cache_position)
 
 
@@ -133,12 +131,12 @@ def prefill_beams(llm: PreTrainedModel, cache: StaticCache, scratch: StaticCache
 
 
 @torch.no_grad()
-def reorder_cache_(cache: StaticCache, beam_idx: torch.Tensor, length: int) -> None:
+def reorder_cache_(cache: StaticCache, beam_idx: torch.Tensor, length: int | None = None) -> None:
     """Row i of every layer's keys/values becomes row beam_idx[i], for the first `length`
-    positions, written back into the same buffers."""
+    positions (None: all of them), written back into the same buffers."""
     for layer in cache.layers:
         for buf in (layer.keys, layer.values):  # [R, heads, L, head_dim]
-            used = buf[:, :, :length]
+            used = buf if length is None else buf[:, :, :length]
             used.copy_(used.index_select(0, beam_idx.to(buf.device)))
 
 
@@ -203,7 +201,7 @@ def cuda_step_options(scheme: str | None) -> dict:
     * coordinate descent tuning, which int8 weight-only decoding needs: its batch-1 product
       is a multiply + reduction kernel, slow at inductor's default launch configuration;
     * `force_fuse_int_mm_with_mul`: int8 dynamic's int8 product and its scale become one
-      Triton kernel, which also takes fewer than 17 rows (cuBLAS's `_int_mm` refuses them)."""
+      kernel. It did not lift cuBLAS's row minimum on an H200 (`min_step_rows` does that)."""
     import torch._inductor.config as inductor_config
 
     options = {"triton.cudagraphs": True}
