@@ -67,6 +67,25 @@ def reconstruction_accuracy(engine, scenes: list[shapes.Scene], *, steps: int | 
     return {"color_and_cell": both_ok / n, "color": color_ok / n, "cell": cell_ok / n, "n": float(n)}
 
 
+def scene_read_back_accuracy(images, scenes: list[shapes.Scene]) -> dict[str, float]:
+    """How well generated images show their scenes, read back as (colour, cell) sets:
+    the share of images whose set is exactly right, and object precision and recall."""
+    exact = tp = n_pred = n_true = 0
+    for scene, image in zip(scenes, images, strict=True):
+        arr = np.asarray(image)
+        if arr.shape[:2] != (shapes.CANVAS, shapes.CANVAS):
+            arr = np.asarray(Image.fromarray(arr).resize((shapes.CANVAS, shapes.CANVAS), Image.Resampling.BILINEAR))
+        got = shapes.read_back_objects(arr)
+        truth = frozenset((o.color, o.row, o.col) for o in scene)
+        exact += got == truth
+        tp += len(got & truth)
+        n_pred += len(got)
+        n_true += len(truth)
+    n = len(scenes)
+    return {"exact": exact / n, "precision": tp / n_pred if n_pred else 0.0, "recall": tp / n_true,
+            "n": float(n)}
+
+
 def evaluate_shapes(engine, *, num: int = 500, seed: int = EVAL_SEED, recon_num: int = 100,
                     steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None,
                     batch_size: int = 32, num_examples: int = 8, **generation: Any) -> ShapesReport:

@@ -34,6 +34,7 @@ __all__ = [
     "make_scene",
     "parse",
     "read_back",
+    "read_back_objects",
     "render",
     "sample_scene",
     "scene_from_caption",
@@ -333,6 +334,37 @@ def read_back(
     row = ROWS[int(np.abs(_CENTERS - (ys.mean() + 0.5)).argmin())]
     col = COLUMNS[int(np.abs(_CENTERS - (xs.mean() + 0.5)).argmin())]
     return color, row, col
+
+
+def read_back_objects(
+    image: np.ndarray, threshold: float = 80.0, min_pixels: int = 40
+) -> frozenset[tuple[str, str, str]]:
+    """Read the set of (color, row, col) off an image with any number of objects.
+
+    Foreground as in :func:`read_back`; each foreground pixel belongs to the cell whose
+    centre is nearest (objects never straddle a cell, at most 20 px in 21-px cells), and a
+    cell holding ``min_pixels`` or more is an object of its majority colour. The smallest
+    object (a small triangle) paints 72 pixels, so a blurred one still counts, while
+    scattered noise pixels and a blurred neighbour's edge do not.
+    """
+    if image.shape != (CANVAS, CANVAS, 3):
+        raise ValueError(f"expected a [{CANVAS}, {CANVAS}, 3] image, got {image.shape}")
+    pixels = image.astype(np.float32)
+    foreground = np.linalg.norm(pixels - np.float32(255.0), axis=-1) > threshold
+    ys, xs = np.nonzero(foreground)
+    if len(ys) == 0:
+        return frozenset()
+    rows = np.abs(_CENTERS[None, :] - (ys[:, None] + 0.5)).argmin(1)
+    cols = np.abs(_CENTERS[None, :] - (xs[:, None] + 0.5)).argmin(1)
+    nearest = np.argmin(((pixels[ys, xs][:, None, :] - _PALETTE[None, :, :]) ** 2).sum(-1), axis=1)
+    found = set()
+    for cell in np.unique(rows * 3 + cols):
+        members = (rows * 3 + cols) == cell
+        if members.sum() < min_pixels:
+            continue
+        color = tuple(COLORS)[int(np.bincount(nearest[members], minlength=len(COLORS)).argmax())]
+        found.add((color, ROWS[int(cell) // 3], COLUMNS[int(cell) % 3]))
+    return frozenset(found)
 
 
 def make_dataset(n: int, seed: int, jitter: int = 0) -> list[tuple[np.ndarray, str]]:

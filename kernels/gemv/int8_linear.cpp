@@ -102,9 +102,90 @@ void block(const float* x, int64_t x_stride, const int8_t* w, const float* scale
   }
 }
 
-// Output rows [o0, o1) for every input row, four input rows at a time.
+// Many input rows (beams, a batch, a prefill) make the product compute-bound, and the
+// one-output-row loop above is then bound by FMA latency: four accumulators cannot keep
+// two FMA pipes busy, and every 8 weights are widened again for each group of 4 rows.
+// A tile of R input rows x C output rows keeps R*C accumulators in flight and widens
+// each weight vector once for R rows (R=4, C=3: 12 accumulators + 3 weights + 1 input
+// vector fill the 16 AVX2 registers).
+template <int R, int C>
+__attribute__((target("avx2,fma"))) void tile_avx2(const float* x, int64_t x_stride, const int8_t* w, int64_t in,
+                                                   float* acc /* [R][C] */) {
+  __m256 a[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) a[r][c] = _mm256_setzero_ps();
+  // One cache line of each weight row per outer step, fetched kPrefetch bytes ahead: the
+  // weights stream from memory once (see rows_avx2).
+  int64_t i = 0;
+  for (; i + 8 <= in; i += 8) {
+    if ((i & 63) == 0)
+      for (int c = 0; c < C; ++c) _mm_prefetch(reinterpret_cast<const char*>(w + c * in + i) + kPrefetch, _MM_HINT_T0);
+    __m256 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = widen8(w + c * in + i);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * x_stride + i);
+      for (int c = 0; c < C; ++c) a[r][c] = _mm256_fmadd_ps(wv[c], xv, a[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float total = hsum(a[r][c]);
+      for (int64_t j = i; j < in; ++j) total += x[r * x_stride + j] * static_cast<float>(w[c * in + j]);
+      acc[r * C + c] = total;
+    }
+}
+
+#ifndef VLV_GEMV_TILE_ROWS
+#define VLV_GEMV_TILE_ROWS 4
+#endif
+#ifndef VLV_GEMV_TILE_COLS
+#define VLV_GEMV_TILE_COLS 3
+#endif
+constexpr int kTileRows = VLV_GEMV_TILE_ROWS;
+constexpr int kTileCols = VLV_GEMV_TILE_COLS;
+
+// The tile for the last `left` (< R) input rows.
+template <int R, int C>
+void tile_left(int64_t left, const float* x, int64_t x_stride, const int8_t* w, int64_t in, float* acc) {
+  if (left == R) {
+    tile_avx2<R, C>(x, x_stride, w, in, acc);
+  } else if constexpr (R > 1) {
+    tile_left<R - 1, C>(left, x, x_stride, w, in, acc);
+  }
+}
+
+// Output rows [o, o + C) for every input row: C weight rows stay in L1 while all input
+// rows pass over them.
+template <int C>
+__attribute__((target("avx2,fma"))) void tile_column(const float* x, int64_t rows, int64_t x_stride, const int8_t* w,
+                                                     const float* scale, const float* bias, int64_t in, int64_t o,
+                                                     float* y, int64_t y_stride) {
+  float acc[kTileRows * C];
+  const int8_t* wo = w + o * in;
+  for (int64_t r = 0; r < rows; r += kTileRows) {
+    const int64_t left = std::min<int64_t>(kTileRows, rows - r);
+    const float* xr = x + r * x_stride;
+    tile_left<kTileRows, C>(left, xr, x_stride, wo, in, acc);
+    for (int64_t rr = 0; rr < left; ++rr)
+      for (int c = 0; c < C; ++c)
+        y[(r + rr) * y_stride + o + c] = acc[rr * C + c] * scale[o + c] + (bias ? bias[o + c] : 0.f);
+  }
+}
+
+// Below this many input rows a product reads its weights once and is memory-bound: the
+// row-at-a-time loop with its prefetching streams them fastest.
+constexpr int64_t kTileMinRows = 3;
+
+// Output rows [o0, o1) for every input row.
 void compute(const float* x, int64_t rows, int64_t x_stride, const int8_t* w, const float* scale, const float* bias,
              int64_t in, int64_t o0, int64_t o1, float* y, int64_t y_stride, GemvSimd simd) {
+  if (simd == GemvSimd::Avx2 && rows >= kTileMinRows) {
+    int64_t o = o0;
+    for (; o + kTileCols <= o1; o += kTileCols)
+      tile_column<kTileCols>(x, rows, x_stride, w, scale, bias, in, o, y, y_stride);
+    for (; o < o1; ++o) tile_column<1>(x, rows, x_stride, w, scale, bias, in, o, y, y_stride);
+    return;
+  }
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4)
     block<4>(x + r * x_stride, x_stride, w, scale, bias, in, o0, o1, y + r * y_stride, y_stride, simd);

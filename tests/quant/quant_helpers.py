@@ -26,6 +26,15 @@ def fake_int8_tokens(x: torch.Tensor) -> torch.Tensor:
     return (x / scale).round().clamp(-128, 127) * scale
 
 
+def fake_uint7_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Asymmetric 7-bit per tensor over [min(x, 0), max(x, 0)], dequantized (fbgemm's dynamic
+    activations on x86, reduce_range)."""
+    lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
+    scale = (hi - lo).clamp_min(1e-12) / 127
+    zero = (-lo / scale).round()
+    return ((x / scale).round() + zero).clamp(0, 127).sub(zero) * scale
+
+
 def fake_int4_groups(w: torch.Tensor, group: int) -> torch.Tensor:
     """Asymmetric 4-bit per group of `group` inputs (min + q * scale, q in 0..15), dequantized."""
     g = w.reshape(w.shape[0], -1, group)
@@ -41,6 +50,8 @@ def plain_quantized_linear(scheme: str, lin: torch.nn.Linear, x: torch.Tensor, g
         return F.linear(x, fake_int8_rows(w), b)
     if scheme == "int8_dynamic":
         return F.linear(fake_int8_tokens(x), fake_int8_rows(w), b)
+    if scheme == "int8_dynamic_cpu":
+        return F.linear(fake_uint7_tensor(x), fake_int8_rows(w), b)
     if scheme in ("int4_cpu", "int4_weight_only"):  # bf16 activations and weights, then 4 bits
         bf = lambda t: t.bfloat16().float()  # noqa: E731
         return F.linear(bf(x), fake_int4_groups(bf(w), group), None if b is None else bf(b))

@@ -368,6 +368,39 @@ def test_read_back_blank_image_is_none():
     assert shapes.read_back(np.full((64, 64, 3), 255, dtype=np.uint8)) is None
 
 
+def truth_cells(scene):
+    return frozenset((o.color, o.row, o.col) for o in scene)
+
+
+def test_read_back_objects_clean_one_and_two_objects():
+    rng = np.random.default_rng(8)
+    for n in (1, 2):
+        for _ in range(150):
+            scene = shapes.sample_scene(rng, num_objects=n)
+            assert shapes.read_back_objects(render(scene)) == truth_cells(scene)
+
+
+def test_read_back_objects_noise_and_blur():
+    rng = np.random.default_rng(9)
+    for _ in range(150):
+        scene = shapes.sample_scene(rng, num_objects=2)
+        image = render(scene).astype(np.float64)
+        padded = np.pad(image, ((1, 1), (1, 1), (0, 0)), mode="edge")
+        blurred = sum(padded[dy : dy + 64, dx : dx + 64] for dy in range(3) for dx in range(3)) / 9
+        noisy = np.clip(np.rint(blurred + rng.normal(0, 10, (64, 64, 3))), 0, 255).astype(np.uint8)
+        assert shapes.read_back_objects(noisy) == truth_cells(scene)
+
+
+def test_read_back_objects_blank_and_wrong_colour():
+    assert shapes.read_back_objects(np.full((64, 64, 3), 255, dtype=np.uint8)) == frozenset()
+    scene = (ShapeObject("square", "large", "red", "top", "left"), ShapeObject("circle", "small", "blue", "bottom", "right"))
+    image = render(scene)
+    image[image[..., 2] == 220] = np.array(COLORS["green"], dtype=np.uint8)  # repaint the blue circle
+    assert shapes.read_back_objects(image) == {("red", "top", "left"), ("green", "bottom", "right")}
+    with pytest.raises(ValueError, match="expected"):
+        shapes.read_back_objects(np.zeros((32, 32, 3), dtype=np.uint8))
+
+
 # Datasets -----------------------------------------------------------------------
 
 

@@ -213,18 +213,19 @@ def phase_model(root: Path, phase: str):
 
 @torch.no_grad()
 def teacher_accuracy(root_or_model: Path, n: int = 60, steps: int = 20, guidance_scale: float = 3.0,
-                     seed: int = 7) -> dict[str, float]:
-    """Does the teacher draw what its caption asks for? Single-object captions -> images ->
-    colour and cell read back. Stage 1 cannot learn what the teacher does not render.
-    Takes a model folder, or a recipe root (then the teacher's latest checkpoint counts)."""
-    from vlv_engine.evaluation import EVAL_SEED, eval_scenes
+                     seed: int = 7, num_objects: int = 1) -> dict[str, float]:
+    """Does the teacher draw what its caption asks for? Captions -> images -> colour and cell
+    read back. Stage 1 cannot learn what the teacher does not render. Single objects give
+    colour / cell / both; two objects give the read-back set's exact match, precision and
+    recall. Takes a model folder, or a recipe root (then the teacher's latest checkpoint counts)."""
+    from vlv_engine.evaluation import EVAL_SEED, eval_scenes, scene_read_back_accuracy
 
     path = Path(root_or_model)
     loaded = (load_folder(path, load_caption_decoder=False) if (path / "vlv.json").is_file()
               else phase_model(path, "teacher"))
     model, tok = loaded.model, loaded.text_tokenizer
     nq = model.config.encoder.num_queries
-    scenes = eval_scenes(n, EVAL_SEED + seed, num_objects=1)
+    scenes = eval_scenes(n, EVAL_SEED + seed + 100 * (num_objects - 1), num_objects=num_objects)
     ids = tok([shapes.caption(s) for s in scenes], padding="max_length", max_length=nq, truncation=True,
               return_tensors="pt").input_ids
     uncond = model.bottleneck.encode_ids(tok([""], padding="max_length", max_length=nq,
@@ -234,9 +235,11 @@ def teacher_accuracy(root_or_model: Path, n: int = 60, steps: int = 20, guidance
     gens = [torch.Generator().manual_seed(i) for i in range(n)]
     images = model.diffusion.sample(cond, uncond, steps=steps, guidance_scale=guidance_scale, generators=gens,
                                     scheduler=sched)
+    arrays = [(img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for img in images]
+    if num_objects != 1:
+        return scene_read_back_accuracy(arrays, scenes)
     hits = {"color": 0, "cell": 0, "color_and_cell": 0}
-    for scene, img in zip(scenes, images):
-        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    for scene, arr in zip(scenes, arrays):
         got = shapes.read_back(arr)
         obj = scene[0]
         c = got is not None and got[0] == obj.color
@@ -248,19 +251,26 @@ def teacher_accuracy(root_or_model: Path, n: int = 60, steps: int = 20, guidance
 
 
 @torch.no_grad()
-def stage1_accuracy(root_or_model: Path, n: int = 60, steps: int = 20, seed: int = 1) -> dict[str, float]:
-    """Does stage 1's embedding carry the scene? Held-out single objects -> encoder ->
-    frozen teacher (DPM-Solver++, the model's guidance scale) -> colour and cell read back.
-    Takes a model folder, or a recipe root (then stage 1's latest checkpoint counts)."""
+def stage1_accuracy(root_or_model: Path, n: int = 60, steps: int = 20, seed: int = 1,
+                    num_objects: int = 1) -> dict[str, float]:
+    """Does stage 1's embedding carry the scene? Held-out scenes -> encoder -> frozen teacher
+    (DPM-Solver++, the model's guidance scale) -> colour and cell read back (as in
+    :func:`teacher_accuracy`). Takes a model folder, or a recipe root (then stage 1's latest
+    checkpoint counts)."""
     from vlv_engine import Engine
-    from vlv_engine.evaluation import EVAL_SEED, eval_scenes, reconstruction_accuracy
+    from vlv_engine.evaluation import EVAL_SEED, eval_scenes, reconstruction_accuracy, scene_read_back_accuracy
 
     path = Path(root_or_model)
     loaded = (load_folder(path, load_caption_decoder=False) if (path / "vlv.json").is_file()
               else phase_model(path, "stage1"))
     engine = Engine(loaded.model, text_tokenizer=loaded.text_tokenizer)
-    scenes = eval_scenes(n, EVAL_SEED + seed, num_objects=1)
-    return reconstruction_accuracy(engine, scenes, steps=steps, sampler="dpm")
+    if num_objects == 1:
+        scenes = eval_scenes(n, EVAL_SEED + seed, num_objects=1)
+        return reconstruction_accuracy(engine, scenes, steps=steps, sampler="dpm")
+    scenes = eval_scenes(n, EVAL_SEED + seed + 100 * (num_objects - 1), num_objects=num_objects)
+    recon = engine.reconstruct([shapes.render(s) for s in scenes], steps=steps, sampler="dpm", seed=0,
+                               batch_size=16)
+    return scene_read_back_accuracy(recon, scenes)
 
 
 @torch.no_grad()
@@ -492,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="PHASE.FIELD=VALUE")
     parser.add_argument("--check", choices=["vae", "teacher", "stage1"],
                         help="measure a phase (its latest checkpoint while it trains) and exit")
+    parser.add_argument("--objects", type=int, default=1, choices=[1, 2],
+                        help="scenes with this many objects for --check teacher|stage1")
     parser.add_argument("--report", action="store_true", help="measure the finished phases, write REPORT.md")
     parser.add_argument("--bundle", action="store_true", help="copy the finished model into the package")
     parser.add_argument("--quiet", action="store_true")
@@ -508,10 +520,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(vae_accuracy(args.root / "vae" / "model")))
         return
     if args.check == "teacher":
-        print(json.dumps(teacher_accuracy(args.root)))
+        print(json.dumps(teacher_accuracy(args.root, num_objects=args.objects)))
         return
     if args.check == "stage1":
-        print(json.dumps(stage1_accuracy(args.root)))
+        print(json.dumps(stage1_accuracy(args.root, num_objects=args.objects)))
         return
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     unknown = set(phases) - set(PHASES)

@@ -39,6 +39,8 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
         "torch": torch.__version__,
         **{name: _version(name) for name in ("transformers", "diffusers", "torchao", "triton", "onnxruntime")},
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        # the CPU allocator's huge pages (set by `vlv`): both pipelines of a run share it
+        "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "device": str(device),
         "gpu": None,
     }

@@ -22,6 +22,7 @@ import torch
 
 from vlv_engine.config import GenerationConfig
 from vlv_engine.engine.decode import make_decoder
+from vlv_engine.engine.quantize import EAGER_ONLY_SCHEMES
 
 
 @dataclass
@@ -129,6 +130,7 @@ def build_setup(preset: str, *, device: str | torch.device = "cpu", fast_dtype: 
         raise ValueError("the paper preset runs on a GPU only (--device cuda)")
     model, _ = load_model(preset, seed, with_diffusion=with_diffusion, device=device)
     default_tokens, default_beams = PRESET_DEFAULTS[preset]
+    compile_decoder = compile_decoder and quantize not in EAGER_ONLY_SCHEMES  # those run the static loop
     fast_dtype = fast_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     enc_kwargs = {}
     notes: dict = {"fast_dtype": str(fast_dtype).replace("torch.", ""), "quantize": quantize or "none",
@@ -140,7 +142,8 @@ def build_setup(preset: str, *, device: str | torch.device = "cpu", fast_dtype: 
     else:
         ref_kwargs = {}
         notes["encoder_backend"] = "unavailable in this Engine: both encoders eager"
-    reference = Engine(copy.deepcopy(model), device=device, dtype=torch.float32, decoder="reference", **ref_kwargs)
+    reference = Engine(eager_attention(copy.deepcopy(model)), device=device, dtype=torch.float32,
+                       decoder="reference", **ref_kwargs)
     fast = Engine(model, device=device, dtype=fast_dtype, decoder="compiled" if compile_decoder else "static",
                   quantize=quantize, **enc_kwargs, **({"encoder_quantize": encoder_quantize} if encoder_quantize else {}))
     if enc_kwargs:
@@ -150,6 +153,17 @@ def build_setup(preset: str, *, device: str | torch.device = "cpu", fast_dtype: 
                       fast_decoder=make_decoder(fast.decoder, fast_llm),
                       reference_decoder=make_decoder("reference", ref_llm),
                       new_tokens=new_tokens or default_tokens, num_beams=num_beams or default_beams, notes=notes)
+
+
+def eager_attention(model):
+    """The reference's attention: every transformers model inside `model` switched to its
+    "eager" implementation (matmul, softmax, matmul), as the official code runs it."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and module.config._attn_implementation != "eager":
+            module.set_attn_implementation("eager")
+    return model
 
 
 def random_pixels(engine, batch: int, seed: int = 0) -> torch.Tensor:

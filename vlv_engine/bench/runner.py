@@ -71,7 +71,8 @@ def run_bench(opts: BenchOptions, log=lambda msg: None) -> BenchResult:
     bandwidth = memory_bandwidth(device)
     machine["memory_bandwidth_GBps"] = round(bandwidth / 1e9, 2)
     log(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} threads, "
-        f"gpu {machine['gpu']}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+        f"gpu {machine['gpu']}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
+        f"THP_MEM_ALLOC_ENABLE={machine['thp_alloc']}")
     rows: list[Row] = []
     skipped: dict[str, str] = {}
     setup_info: dict = {}

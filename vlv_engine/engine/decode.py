@@ -51,7 +51,7 @@ from transformers import PreTrainedModel, StaticCache
 from vlv_engine.config import GenerationConfig
 from vlv_engine.engine.beam import beam_search
 from vlv_engine.engine.generation import generate_reference
-from vlv_engine.engine.quantize import NATIVE_SCHEMES
+from vlv_engine.engine.quantize import EAGER_ONLY_SCHEMES, NATIVE_SCHEMES
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_LENGTH_MULTIPLE = 64
@@ -236,6 +236,10 @@ class StaticDecoder:
     def __init__(self, llm: PreTrainedModel, *, compile: bool = False, compile_mode: str | None = None,
                  batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS,
                  length_multiple: int = DEFAULT_LENGTH_MULTIPLE, max_caches: int = 4):
+        scheme = getattr(llm, "vlv_quantization", None)
+        if compile and scheme in EAGER_ONLY_SCHEMES:
+            raise ValueError(f"the compiled decoder cannot run an LLM quantized with {scheme!r}: its layers are "
+                             "opaque to torch.compile; use the static decoder (decoder='static')")
         self.llm = llm
         self.batch_buckets = tuple(sorted(batch_buckets))
         self.length_multiple = length_multiple

@@ -21,10 +21,10 @@ call that torch.compile and the Triton path do not trace.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
+
+from vlv_engine.engine.fbgemm_int8 import swap_linears, unavailable_reason
 
 ENCODER_SCHEMES = ("int8_dynamic",)
 
@@ -40,10 +40,9 @@ def check_encoder_scheme(scheme: str, device: str | torch.device, dtype: torch.d
                          "encoder_backend='triton' in bfloat16 instead")
     if dtype != torch.float32:
         raise ValueError(f"encoder_quantize={scheme!r} needs float32 activations, got dtype {dtype}")
-    engines = torch.backends.quantized.supported_engines
-    if not {"fbgemm", "x86"} & set(engines) or not hasattr(torch.ops.quantized, "linear_dynamic"):
-        raise ValueError(f"encoder_quantize={scheme!r} needs PyTorch's fbgemm/x86 quantized engine; this build "
-                         f"has {engines}")
+    reason = unavailable_reason()
+    if reason:
+        raise ValueError(f"encoder_quantize={scheme!r}: {reason}")
     if backend not in ("auto", "eager"):
         raise ValueError(f"encoder_quantize={scheme!r} runs with the eager encoder backend only (its int8 "
                          f"linears are opaque to torch.compile and Triton), got encoder_backend={backend!r}")
@@ -53,22 +52,6 @@ def check_encoder_scheme(scheme: str, device: str | torch.device, dtype: torch.d
 def quantize_encoder(modules: list[nn.Module], scheme: str) -> int:
     """Swap every `nn.Linear` in `modules` (in place) for its int8 dynamic version; returns
     how many were swapped."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-    from torch.ao.quantization import per_channel_dynamic_qconfig
-
     if scheme not in ENCODER_SCHEMES:
         raise ValueError(f"unknown encoder quantization {scheme!r}; choose one of {list(ENCODER_SCHEMES)}")
-    count = 0
-    with warnings.catch_warnings():
-        # PyTorch announces that its quantized tensor type will go; these kernels are the
-        # fast int8 GEMMs on an AVX2 CPU today (torchao's int8 path is slower than fp32
-        # there in eager). check_encoder_scheme refuses cleanly once they are gone.
-        warnings.filterwarnings("ignore", message=".*quantize_per_(tensor|channel).*deprecated")
-        for root in modules:
-            for parent in list(root.modules()):
-                for name, child in list(parent.named_children()):
-                    if type(child) is nn.Linear:  # subclasses (NonDynamicallyQuantizableLinear, ...) keep fp32
-                        child.qconfig = per_channel_dynamic_qconfig
-                        setattr(parent, name, DynamicLinear.from_float(child))
-                        count += 1
-    return count
+    return swap_linears(modules)

@@ -23,7 +23,7 @@ from vlv_engine.engine.encoder_path import build_encoder_path
 from vlv_engine.engine.encoder_quant import check_encoder_scheme, quantize_encoder
 from vlv_engine.engine.encoder_select import select_encoder_backend
 from vlv_engine.engine.postprocess import official_postprocess
-from vlv_engine.engine.quantize import check_scheme, quantize_llm
+from vlv_engine.engine.quantize import EAGER_ONLY_SCHEMES, check_scheme, quantize_llm
 from vlv_engine.engine.results import ItemResult
 from vlv_engine.models import VLVModel
 
@@ -53,11 +53,14 @@ class Engine:
             raise ValueError(f"unknown decoder {decoder!r}; choose one of {list(DECODERS)}")
         self.decoder = decoder
         # quantize: None or a scheme of `vlv_engine.engine.quantize` ("int8_weight_only",
-        # "int8_dynamic", "int4_weight_only", "fp8", "int4_cpu"), applied to the LLM only,
+        # "int8_dynamic", "int4_weight_only", "fp8", "int4_cpu", "int8_cpu", "int8_dynamic_cpu"), applied to the LLM only,
         # in place, after it is placed; an unknown scheme or one that cannot run here fails now.
         self.quantize = quantize
         if quantize is not None:
             check_scheme(quantize, device)
+            if decoder == "compiled" and quantize in EAGER_ONLY_SCHEMES:
+                raise ValueError(f"decoder='compiled' cannot run quantize={quantize!r} (its layers are opaque to "
+                                 "torch.compile); use decoder='static'")
         # encoder_quantize: None or "int8_dynamic" (CPU, float32, eager encoder backend):
         # the encoder's and bottleneck's linears in int8 (`vlv_engine.engine.encoder_quant`).
         self.encoder_quantize = encoder_quantize
