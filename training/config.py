@@ -40,6 +40,11 @@ class OptimConfig:
     # the next end, ..., then at `steps`; at each end the lr jumps to the next curve's value
     # there (what extending a finished run by resuming it under more steps does).
     cycle_ends: list[int] = field(default_factory=list)
+    # The general form, [[until, horizon], ...]: steps before `until` follow the schedule
+    # of a run of `horizon` steps (the first pair that applies), later ones `steps`'s.
+    # cycle_ends=[e] is [[e, e]]; [[1298, 20000]] is a run begun under steps=20000 and
+    # resumed at step 1,298 under the final step count (the lr stays near its peak first).
+    horizons: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -124,6 +129,10 @@ def _build(cls, data: dict[str, Any], where: str):
             value = tuple(float(v) for v in value)
         elif name == "cycle_ends":
             value = [int(v) for v in ([value] if isinstance(value, (int, str)) else value)]
+        elif name == "horizons":
+            value = [[int(v) for v in pair] for pair in value]
+            if any(len(pair) != 2 for pair in value):
+                raise ValueError(f"optim.horizons takes [until, horizon] pairs, got {value}")
         else:
             value = _coerce(value, str(known[name].type), f"{where + '.' if where else ''}{name}")
         kwargs[name] = value

@@ -52,12 +52,14 @@ def init_distributed(device: torch.device) -> Dist:
 
 def lr_lambda(cfg: TrainConfig):
     warmup, floor = cfg.optim.warmup_steps, cfg.optim.min_lr_ratio
-    ends = sorted(e for e in cfg.optim.cycle_ends if 0 < e < cfg.steps) + [max(cfg.steps, 1)]
+    # (until, horizon): a step before `until` follows the schedule of a `horizon`-step run.
+    pairs = sorted([(e, e) for e in cfg.optim.cycle_ends] + [tuple(p) for p in cfg.optim.horizons])
+    pairs = [(until, horizon) for until, horizon in pairs if 0 < until < cfg.steps] + [(max(cfg.steps, 1),) * 2]
 
     def factor(step: int) -> float:
         if warmup > 0 and step < warmup:
             return (step + 1) / warmup
-        total = next((e for e in ends if step < e), ends[-1])  # the end of this step's cycle
+        total = next((h for until, h in pairs if step < until), pairs[-1][1])  # this step's horizon
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         if cfg.optim.schedule == "cosine":
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -140,3 +140,24 @@ def test_cosine_with_a_warm_restart_is_the_schedule_of_an_extended_run():
     assert restart(2999) < 0.11 and abs(restart(3000) - 0.705) < 0.005  # the jump: 5e-5 -> ~3.5e-4 at lr 5e-4
     with pytest.raises(ValueError, match="not a number|invalid literal"):
         load_config(None, ["optim.cycle_ends=[soon]"])
+    same = lr_lambda(load_config(None, ["steps=7000", "optim.horizons=[[3000, 3000]]", *over]))
+    assert all(same(s) == restart(s) for s in range(0, 7000, 97))
+
+
+def test_a_long_horizon_first_keeps_the_lr_near_its_peak():
+    """horizons=[[1298, 20000]] at 3,000 steps: a run begun under steps=20000 and resumed at
+    step 1,298 with steps=3000 (the bundled nano teacher's history)."""
+    from vlv_training.config import load_config
+    from vlv_training.trainer import lr_lambda
+
+    over = ["optim.warmup_steps=500", "optim.min_lr_ratio=0.1"]
+    held = lr_lambda(load_config(None, ["steps=3000", "optim.horizons=[[1298, 20000]]", *over]))
+    long = lr_lambda(load_config(None, ["steps=20000", *over]))
+    short = lr_lambda(load_config(None, ["steps=3000", *over]))
+    for step in (0, 499, 800, 1297):
+        assert held(step) == long(step)
+    for step in (1298, 2000, 2999):
+        assert held(step) == short(step)
+    assert held(1297) > 0.99 and abs(held(1298) - 0.80) < 0.01
+    with pytest.raises(ValueError, match="pairs"):
+        load_config(None, ["optim.horizons=[[1298]]"])
