@@ -28,11 +28,16 @@ def test_int8_encoder_embedding_is_close_to_fp32(seed):
     int8 = tiny_engine(seed, with_diffusion=False, encoder_quantize="int8_dynamic")
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    swapped = [m for part in (int8.model.encoder, int8.model.bottleneck) for m in part.modules()
-               if isinstance(m, DynamicLinear)]
-    plain = [m for part in (int8.model.encoder, int8.model.bottleneck) for m in part.modules()
-             if type(m) is torch.nn.Linear]
+    from vlv_engine.engine.encoder_quant import int8_parts
+
+    parts = int8_parts(int8.model)
+    swapped = [m for part in parts for m in part.modules() if isinstance(m, DynamicLinear)]
+    plain = [m for part in parts for m in part.modules() if type(m) is torch.nn.Linear]
     assert swapped and not plain
+    inside = {id(m) for part in parts for m in part.modules()}
+    rest = [m for part in (int8.model.encoder, int8.model.bottleneck) for m in part.modules() if id(m) not in inside]
+    assert not any(isinstance(m, DynamicLinear) for m in rest)  # the query decoder, phi, the bottleneck
+    assert any(type(m) is torch.nn.Linear for m in rest)
     assert not any(isinstance(m, DynamicLinear) for m in int8.model.caption_decoder.modules())  # LLM untouched
     x = _pixels(fp32, seed=seed)
     exact, approx = fp32.encode_pixels(x), int8.encode_pixels(x)
@@ -73,7 +78,7 @@ def test_what_cannot_run_is_refused_with_the_reason(kwargs, match):
     with pytest.raises(ValueError, match=match):
         check_encoder_scheme(args["scheme"], args["device"], args["dtype"], args["backend"])
     with pytest.raises(ValueError, match="unknown encoder quantization"):
-        quantize_encoder([torch.nn.Linear(2, 2)], "int4")
+        quantize_encoder(torch.nn.Module(), "int4")
 
 
 def test_auto_backend_becomes_eager():
@@ -87,7 +92,8 @@ def test_auto_backend_becomes_eager():
 @pytest.mark.slow
 def test_nano_shapes_world_accuracy_within_one_point_of_fp32():
     """The bundled nano model on 500 held-out scenes: the int8 encoder keeps caption exact
-    match and object F1 within 1 point of fp32 (measured: 90.8 % vs 91.6 %, F1 0.938 vs 0.941)."""
+    match and object F1 within 1 point of fp32 (measured: 90.8 % vs 91.6 %, F1 0.934 vs 0.941;
+    with the LLM in int8_dynamic_cpu too: 90.8 %, F1 0.937, tests/quant/test_quantize.py)."""
     from vlv_engine import Engine
     from vlv_engine.evaluation import evaluate_shapes
 

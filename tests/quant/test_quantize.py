@@ -342,13 +342,14 @@ def test_int8_cpu_compiled_step_keeps_the_fusion(trained, monkeypatch):
 @pytest.mark.slow
 def test_nano_shapes_world_accuracy_int8_dynamic_cpu_within_one_point_of_fp32():
     """The bundled nano model on 500 held-out scenes with its LLM in int8_dynamic_cpu: caption
-    exact match and object F1 within 1 point of fp32 (measured: 91.0 % vs 91.6 %, F1 0.937
-    vs 0.941; with the int8 encoder too: 90.4 %, F1 0.937)."""
+    exact match and object F1 within 1 point of fp32, alone and with the int8 encoder
+    (measured: 91.0 % and 90.8 % vs 91.6 %; F1 0.937 and 0.937 vs 0.941)."""
     from vlv_engine import Engine
     from vlv_engine.evaluation import evaluate_shapes
 
     fp32 = evaluate_shapes(Engine.from_pretrained(load_diffusion=False), num=500, recon_num=0).caption
-    int8 = evaluate_shapes(Engine.from_pretrained(load_diffusion=False, quantize="int8_dynamic_cpu"),
-                           num=500, recon_num=0).caption
-    assert int8["exact_match"] >= fp32["exact_match"] - 0.01
-    assert int8["f1"] >= fp32["f1"] - 0.01
+    for extra in ({}, {"encoder_quantize": "int8_dynamic"}):
+        int8 = evaluate_shapes(Engine.from_pretrained(load_diffusion=False, quantize="int8_dynamic_cpu", **extra),
+                               num=500, recon_num=0).caption
+        assert int8["exact_match"] >= fp32["exact_match"] - 0.01, extra
+        assert int8["f1"] >= fp32["f1"] - 0.01, extra

@@ -94,7 +94,7 @@ class Engine:
             quantize_llm(self.model.caption_decoder.llm, quantize, device=self.device)
             _return_freed_memory()
         if encoder_quantize is not None:
-            quantize_encoder([self.model.encoder, self.model.bottleneck], encoder_quantize)
+            quantize_encoder(self.model, encoder_quantize)
             _return_freed_memory()
         self.llm_tokenizer = llm_tokenizer
         self.text_tokenizer = text_tokenizer
