@@ -36,7 +36,7 @@ def test_int8_encoder_embedding_is_close_to_fp32(seed):
     assert swapped and not plain
     inside = {id(m) for part in parts for m in part.modules()}
     rest = [m for part in (int8.model.encoder, int8.model.bottleneck) for m in part.modules() if id(m) not in inside]
-    assert not any(isinstance(m, DynamicLinear) for m in rest)  # the query decoder, phi, the bottleneck
+    assert not any(isinstance(m, DynamicLinear) for m in rest)  # phi, the bottleneck
     assert any(type(m) is torch.nn.Linear for m in rest)
     assert not any(isinstance(m, DynamicLinear) for m in int8.model.caption_decoder.modules())  # LLM untouched
     x = _pixels(fp32, seed=seed)

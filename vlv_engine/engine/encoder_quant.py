@@ -7,9 +7,9 @@
 Why this exists: in fp32 the eager encoder spends ~70 % of its time in matrix products
 that already run at ~80 % of a 2-core AVX2 machine's FMA peak, so no fp32 backend can make
 the path much faster than ~1.8x. Int8 products do twice the multiply-adds per
-instruction. Every `nn.Linear` of the vision tower, its projector and the BART encoder
-becomes PyTorch's dynamically quantized linear (`int8_parts`); convolutions, attention's
-own products, the query decoder, phi and the bottleneck stay fp32.
+instruction. Every `nn.Linear` of Florence-2 (vision tower, projector, BART encoder and
+decoder) becomes PyTorch's dynamically quantized linear (`int8_parts`); convolutions,
+attention's own products, phi and the bottleneck stay fp32.
 
 What it costs, measured (benchmarks/README.md), on the bundled nano model's 500 held-out
 Shapes World scenes: see `tests/quant/test_encoder_quant.py` for the figures.
@@ -50,12 +50,11 @@ def check_encoder_scheme(scheme: str, device: str | torch.device, dtype: torch.d
 
 
 def int8_parts(model: nn.Module) -> list[nn.Module]:
-    """What the scheme quantizes: the parts whose work grows with the image's tokens (the
-    vision tower, its projector and the BART encoder over ~600 tokens at 768 px), 96 % of
-    the path's time on the small preset. The 77-query BART decoder, phi and the bottleneck
-    stay float32: ~4 % of the time, and nearest the embedding."""
-    florence = model.encoder.florence
-    return [florence.vision_tower, florence.multi_modal_projector, florence.language_model.encoder]
+    """What the scheme quantizes: Florence-2 (the vision tower, its projector, the BART
+    encoder over ~600 image tokens at 768 px and the query decoder that cross-attends to
+    them), ~98 % of the path's time on the small preset. phi and the bottleneck (the text
+    encoder and psi, over 77 tokens) make the caption embedding itself and stay float32."""
+    return [model.encoder.florence]
 
 
 def quantize_encoder(model: nn.Module, scheme: str) -> int:
