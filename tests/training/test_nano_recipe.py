@@ -89,7 +89,9 @@ def test_report_measures_finished_phases_and_bundle_carries_it(micro_run, tmp_pa
     root, _ = micro_run
     result = nano.report(root, num=6, recon_num=2, recon_steps=(2,), teacher_n=2)
     checks = result["checks"]
-    assert set(checks) >= {"vae", "teacher", "stage1", "stage2", "ablation", "latent_scale"}
+    assert set(checks) >= {"vae", "teacher", "teacher_two_objects", "stage1", "stage1_two_objects", "stage2",
+                           "ablation", "latent_scale"}
+    assert checks["teacher_two_objects"]["n"] == 2 and 0.0 <= checks["stage1_two_objects"]["exact"] <= 1.0
     assert checks["stage1"]["n"] == 2 and 0.0 <= checks["stage1"]["color_and_cell"] <= 1.0
     assert set(checks["stage2"]["reconstruction"]) == {"dpm_2", "dpm-sde_2", "ddpm_50"}
     assert checks["stage2"]["caption"]["n"] == 6 and "reconstruction" not in checks["ablation"] or \
@@ -97,7 +99,7 @@ def test_report_measures_finished_phases_and_bundle_carries_it(micro_run, tmp_pa
     assert all(result["phases"][p]["complete"] for p in nano.PHASES)
     text = (root / "REPORT.md").read_text()
     assert "| stage1 | 2 |" in text and "Ablation: stage 1 skipped" in text and "Machine:" in text
-    assert "Stage 1: held-out single objects redrawn" in text
+    assert "Stage 1: held-out single objects redrawn" in text and "Teacher, two-object captions" in text
     dest = nano.bundle(root, tmp_path / "bundled")
     assert (dest / "vlv.json").is_file() and (dest / "REPORT.md").is_file() and (dest / "loss_stage2.png").is_file()
     with pytest.raises(RuntimeError, match="MB"):
@@ -112,8 +114,10 @@ def test_rerun_skips_finished_phases(micro_run):
 def test_phase_checks_run(micro_run):
     root, _ = micro_run
     t = nano.teacher_accuracy(root / "teacher" / "model", n=4, steps=2)
+    two = nano.teacher_accuracy(root / "teacher" / "model", n=4, steps=2, num_objects=2)
     v = nano.vae_accuracy(root / "vae" / "model", n=4)
     assert 0.0 <= t["color_and_cell"] <= 1.0 and t["n"] == 4
+    assert set(two) == {"exact", "precision", "recall", "n"} and 0.0 <= two["exact"] <= 1.0
     assert 0.0 <= v["color_and_cell"] <= 1.0
 
 

@@ -20,6 +20,8 @@ recipe runs in chunks, and rerunning the same command continues where it stopped
 A finished phase is skipped. `python -m vlv_training.recipes.nano --report` writes
 the metrics of every finished phase (REPORT.md, report.json); `--bundle` copies the
 finished model and its report into the package as the default model.
+`--check teacher|stage1 [--objects 2]` measures a phase while it trains: the teacher must
+draw two-object captions too, or stage 1 cannot learn them (nano_scratch/attempt2).
 """
 
 from __future__ import annotations
@@ -397,8 +399,10 @@ def report(root: Path, *, num: int = 500, recon_num: int = 100, recon_steps: tup
             result["checks"]["latent_scale"] = json.loads(scale.read_text())
     if phase_done(root, "teacher") or records.get("teacher"):
         result["checks"]["teacher"] = teacher_accuracy(root, n=teacher_n)
+        result["checks"]["teacher_two_objects"] = teacher_accuracy(root, n=teacher_n, num_objects=2)
     if phase_done(root, "stage1") or records.get("stage1"):
         result["checks"]["stage1"] = stage1_accuracy(root, n=teacher_n)
+        result["checks"]["stage1_two_objects"] = stage1_accuracy(root, n=teacher_n, num_objects=2)
     for phase in ("stage2", "ablation"):
         if phase_done(root, phase):
             rn = recon_num if phase == "stage2" else 0
@@ -455,11 +459,20 @@ def render_report(result: dict[str, Any]) -> str:
         lines.append(f"- Teacher draws what its caption asks (single objects, DPM 20 steps, CFG 3): colour "
                      f"{_pct(t['color'])}, cell {_pct(t['cell'])}, both {_pct(t['color_and_cell'])} "
                      f"(n={int(t['n'])}; chance for the cell: 11 %).")
+    if "teacher_two_objects" in checks:
+        t = checks["teacher_two_objects"]
+        lines.append(f"- Teacher, two-object captions: the set of (colour, cell) read back exactly "
+                     f"{_pct(t['exact'])}, object precision {t['precision']:.3f}, recall {t['recall']:.3f} "
+                     f"(n={int(t['n'])}).")
     if "stage1" in checks:
         t = checks["stage1"]
         lines.append(f"- Stage 1: held-out single objects redrawn by the frozen teacher from their caption "
                      f"embedding (DPM 20 steps): colour {_pct(t['color'])}, cell {_pct(t['cell'])}, both "
                      f"{_pct(t['color_and_cell'])} (n={int(t['n'])}).")
+    if "stage1_two_objects" in checks:
+        t = checks["stage1_two_objects"]
+        lines.append(f"- Stage 1, two-object scenes redrawn: (colour, cell) sets exact {_pct(t['exact'])}, "
+                     f"object precision {t['precision']:.3f}, recall {t['recall']:.3f} (n={int(t['n'])}).")
     for phase, label in (("stage2", "Full recipe"), ("ablation", "Ablation: stage 1 skipped")):
         if phase in checks:
             c = checks[phase]
