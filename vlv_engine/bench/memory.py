@@ -22,14 +22,15 @@ from vlv_engine.engine.quantize import EAGER_ONLY_SCHEMES
 
 def probe(args: argparse.Namespace) -> dict:
     from vlv_engine.bench.measure import PeakMemory, current_rss
-    from vlv_engine.bench.pipelines import (PRESET_DEFAULTS, caption_tokens, has_encoder_backends, load_model,
-                                            random_pixels)
+    from vlv_engine.bench.pipelines import (PRESET_DEFAULTS, caption_tokens, eager_attention, has_encoder_backends,
+                                            load_model, random_pixels)
     from vlv_engine.engine.decode import make_decoder
     from vlv_engine.engine.engine import Engine
 
     device = torch.device(args.device)
     model, _ = load_model(args.preset, device=device)
     if args.pipeline == "reference":
+        eager_attention(model)
         kwargs = {"dtype": torch.float32, "decoder": "reference"}
         if has_encoder_backends():
             kwargs["encoder_backend"] = "eager"
