@@ -107,9 +107,9 @@ PHASE_SETTINGS: dict[str, dict[str, Any]] = {
                 "latent_sampling": "mode",
                 # The bundled teacher's first 1,298 steps ran under a 20,000-step schedule (lr
                 # within 1 % of its peak), then it was resumed under 3,000 steps; this says so.
-                # Under one 3,000-step cosine the same teacher draws single objects right but
-                # two-object captions exactly in 38 % of held-out prompts, against 98 % for the
-                # bundled one (n=60), and stage 1 cannot learn two objects from it
+                # It is not what from-scratch teachers lack: two-object captions drawn exactly
+                # (n=60): bundled 98 %, one 3,000-step cosine 38 %, this history 52 % (single
+                # objects 82 %). Stage 1 cannot learn two objects from such a teacher
                 # (nano_scratch/attempt2/README.md).
                 "optim": {"lr": 1e-3, "warmup_steps": 500, "min_lr_ratio": 0.1, "weight_decay": 0.0,
                           "horizons": [[1_298, 20_000]]},
