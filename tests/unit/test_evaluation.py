@@ -65,3 +65,17 @@ def test_runs_on_a_real_engine(tiny):
     report = evaluate_shapes(tiny, num=6, recon_num=2, steps=2)
     assert report.caption["n"] == 6 and report.reconstruction["n"] == 2
     assert 0.0 <= report.caption["f1"] <= 1.0
+
+
+def test_scene_read_back_accuracy_scores_sets_of_colour_and_cell():
+    from vlv_engine.evaluation import scene_read_back_accuracy
+
+    scenes = eval_scenes(6, num_objects=2)
+    images = [shapes.render(s) for s in scenes]
+    assert scene_read_back_accuracy(images, scenes) == {"exact": 1.0, "precision": 1.0, "recall": 1.0, "n": 6.0}
+    images[0] = np.full_like(images[0], 255)  # one blank image: two objects missed, none invented
+    images[1] = shapes.render(scenes[1][:1])  # one object dropped
+    got = scene_read_back_accuracy(images, scenes)
+    assert got["exact"] == 4 / 6 and got["precision"] == 1.0 and got["recall"] == 9 / 12
+    big = [np.kron(img, np.ones((2, 2, 1), dtype=np.uint8)) for img in images[2:]]  # 128 px: resized first
+    assert scene_read_back_accuracy(big, scenes[2:])["exact"] == 1.0
