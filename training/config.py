@@ -85,6 +85,9 @@ class TrainConfig:
     min_snr_gamma: float = 5.0
     caption_dropout: float = 0.1  # teacher: captions replaced by "" (classifier-free guidance)
     kl_weight: float = 1e-6  # vae
+    # Average of the trainable weights (training/ema.py); the saved model is the average.
+    # 0 turns it off.
+    ema_decay: float = 0.0
     # Stop (with a checkpoint) after this many minutes; rerun to continue. None: no limit.
     max_minutes: float | None = None
     log_every: int = 10
@@ -100,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"loss_weighting must be none or min_snr, got {self.loss_weighting!r}")
         if self.latent_sampling not in ("sample", "mode"):
             raise ValueError(f"latent_sampling must be sample or mode, got {self.latent_sampling!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         groups = self.trainable_groups

@@ -80,7 +80,8 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any], generato
 
 def save_checkpoint(out_dir: str | Path, step: int, *, params: list[tuple[str, torch.nn.Parameter]],
                     optimizer: torch.optim.Optimizer, scheduler, data_state: dict[str, Any],
-                    generators: dict[str, torch.Generator], config: dict[str, Any], keep_last: int) -> Path:
+                    generators: dict[str, torch.Generator], config: dict[str, Any], keep_last: int,
+                    ema=None) -> Path:
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -93,6 +94,9 @@ def save_checkpoint(out_dir: str | Path, step: int, *, params: list[tuple[str, t
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "data": data_state,
                  "rng": rng_meta, "param_names": [n for n, _ in params], "config": config}
+        if ema is not None:
+            ema_tensors, state["ema"] = ema.state()
+            save_file(ema_tensors, str(tmp / "ema.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
         for f in tmp.iterdir():  # durable before it becomes visible
             with open(f, "rb") as fh:
@@ -127,7 +131,7 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, *, params: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
-                    scheduler, generators: dict[str, torch.Generator]) -> dict[str, Any]:
+                    scheduler, generators: dict[str, torch.Generator], ema=None) -> dict[str, Any]:
     """Restore everything in place; returns state.json (step, data position, ...)."""
     state = json.loads((path / "state.json").read_text())
     names = [n for n, _ in params]
@@ -142,4 +146,9 @@ def load_checkpoint(path: Path, *, params: list[tuple[str, torch.nn.Parameter]],
                                                    state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     restore_rng(load_file(str(path / "rng.safetensors")), state["rng"], generators)
+    if ema is not None:
+        if "ema" not in state:
+            raise ValueError(f"{path}: this run averages its weights (ema_decay) but the checkpoint has no "
+                             f"average; resume with the checkpoint's own config")
+        ema.load(load_file(str(path / "ema.safetensors")), state["ema"])
     return state

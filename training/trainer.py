@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from vlv_engine.checkpoint.folder import save_folder
 from vlv_training.config import TrainConfig
+from vlv_training.ema import EMA
 from vlv_training.losses import (Stage1Objective, Stage2Objective, TeacherObjective, VAEObjective, draw_noise,
                                  sample_latents)
 from vlv_training.modeling import build_model, set_train_mode, set_trainable
@@ -145,11 +146,12 @@ def train(cfg: TrainConfig, *, device: str | torch.device = "cpu", progress: boo
                                     vae_size=vae_size if cfg.stage != "stage2" else None,
                                     max_pixels=cfg.data.max_pixels)
 
+    ema = EMA(params, cfg.ema_decay) if cfg.ema_decay else None
     step = 0
     latest = list_checkpoints(out_dir)
     if latest:
         state = load_checkpoint(latest[-1], params=params, optimizer=optimizer, scheduler=scheduler,
-                                generators=generators)
+                                generators=generators, ema=ema)
         step = state["step"]
         sampler.load_state_dict(state["data"])
         if ddp.is_main:
@@ -200,6 +202,8 @@ def train(cfg: TrainConfig, *, device: str | torch.device = "cpu", progress: boo
             torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.optim.grad_clip)
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update()
         step += 1
         last_loss = total
         if ddp.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
@@ -216,12 +220,14 @@ def train(cfg: TrainConfig, *, device: str | torch.device = "cpu", progress: boo
         if ddp.is_main and (step % cfg.save_every == 0 or step == cfg.steps or out_of_time):
             save_checkpoint(out_dir, step, params=params, optimizer=optimizer, scheduler=scheduler,
                             data_state=sampler.state_dict(), generators=generators, config=cfg.to_dict(),
-                            keep_last=cfg.keep_last)
+                            keep_last=cfg.keep_last, ema=ema)
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - t0
     if ddp.is_main and not stopped_early:
         model.eval()
+        if ema is not None:
+            ema.copy_to_params()  # the model is the average; the last checkpoint keeps the raw weights
         save_folder(out_dir / "model", model, llm_tokenizer=built.llm_tokenizer, text_tokenizer=built.text_tokenizer)
         try:
             from vlv_training.plot import plot_metrics

@@ -1,6 +1,7 @@
 """The nano recipe end to end at a few steps per phase (the full run is not for CI)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,8 +42,15 @@ def micro_run(tmp_path_factory):
     for phase in nano.PHASES:
         sets += [f"{phase}.steps=2", f"{phase}.batch_size=2", f"{phase}.save_every=2", f"{phase}.log_every=1",
                  f"{phase}.data.num_samples=16", f"{phase}.optim.warmup_steps=1"]
+    # A two-step teacher draws nothing right: let the gate measure it and pass it anyway.
+    sets += ["gate.n=2", "gate.min_exact=0.0"]
     summary = nano.run(root, list(nano.PHASES), max_minutes=None, overrides=sets, progress=False)
     return root, summary
+
+
+MICRO_ROUND = ["teacher_round.steps=2", "teacher_round.batch_size=2", "teacher_round.save_every=1",
+               "teacher_round.log_every=1", "teacher_round.data.num_samples=16", "teacher_round.optim.warmup_steps=1",
+               "gate.n=2"]
 
 
 def test_micro_recipe_produces_a_captioning_model(micro_run):
@@ -54,7 +62,11 @@ def test_micro_recipe_produces_a_captioning_model(micro_run):
     assert isinstance(engine.caption([image])[0], str)
     assert engine.reconstruct([image], steps=2)[0].size == (64, 64)
     log = [json.loads(line) for line in (root / "recipe_log.jsonl").read_text().splitlines()]
-    assert [r["phase"] for r in log] == list(nano.PHASES) and "cpu_threads" in log[0]["machine"]
+    assert [r["phase"] for r in log if r["phase"] != "check"] == list(nano.PHASES)
+    assert "cpu_threads" in log[0]["machine"]
+    gate = [r for r in log if r["phase"] == "check"]
+    assert [(r["what"], r["round"], r["n"]) for r in gate] == [("teacher_gate", 0, 2)]
+    assert json.loads((root / "teacher" / "gate.json").read_text())["accepted"] == "teacher/model"
 
 
 def test_teacher_starts_from_the_trained_vae_and_a_fresh_unet(micro_run):
@@ -183,3 +195,75 @@ def test_stopped_time_is_reported_beside_the_wall_time(tmp_path):
     text = nano.render_report({"phases": {"stage1": rec}, "checks": {}, "command": "x"})
     assert "| stage1 | 200 | 0.4000 | 15.0 min | 2.0 min | 2 | yes |" in text
     assert "0.25 h (0.22 h running; the process was stopped for 2 min in all)" in text
+
+
+def _root_before_stage1(micro_run, tmp_path):
+    import shutil
+
+    root, _ = micro_run
+    copy = tmp_path / "root"
+    shutil.copytree(root, copy)
+    for name in ("stage1", "stage2", "ablation"):
+        shutil.rmtree(copy / name)
+    (copy / "teacher" / "gate.json").unlink()
+    (copy / "recipe_log.jsonl").unlink()
+    return copy
+
+
+def _scores(monkeypatch, values):
+    calls = []
+
+    def fake(model_dir, n, num_objects, **_):
+        calls.append(Path(model_dir))
+        return {"exact": values[len(calls) - 1], "precision": 1.0, "recall": 1.0, "n": float(n)}
+
+    monkeypatch.setattr(nano, "teacher_accuracy", fake)
+    return calls
+
+
+def test_a_teacher_below_the_gate_trains_on_until_a_round_passes(micro_run, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from vlv_engine.checkpoint.folder import load_folder
+
+    root = _root_before_stage1(micro_run, tmp_path)
+    calls = _scores(monkeypatch, [0.5, 0.95])
+    assert not nano.phase_done(root, "teacher")
+    summary = nano.run(root, ["teacher"], max_minutes=None, overrides=MICRO_ROUND, progress=False)
+    assert list(summary) == ["teacher_round1"] and summary["teacher_round1"]["complete"]
+    assert calls == [root / "teacher" / "model", root / "teacher_round1" / "model"]
+    gate = nano.gate_record(root)
+    assert gate["accepted"] == "teacher_round1/model" and [r["exact"] for r in gate["rounds"]] == [0.5, 0.95]
+    assert nano.phase_done(root, "teacher") and nano.teacher_dir(root) == root / "teacher_round1" / "model"
+    # Stage 1 and the ablation start from the round that passed.
+    assert nano.phase_config("stage1", root, []).init == str(root / "teacher_round1" / "model")
+    assert nano.phase_config("ablation", root, []).init == str(root / "teacher_round1" / "model")
+    # The round trained on from the teacher with its own seeds, and saved its averaged weights.
+    cfg = nano.round_config(root, 1, MICRO_ROUND)
+    base = nano.phase_config("teacher", root, [])
+    assert cfg.init == str(root / "teacher" / "model") and cfg.ema_decay == 0.999 and cfg.optim.lr == 5e-4
+    assert cfg.seed == base.seed and nano.round_config(root, 2, []).seed == base.seed + 100
+    assert nano.round_config(root, 2, []).data.seed == base.data.seed + 100 and cfg.optim.horizons == []
+    last = sorted((root / "teacher_round1" / "checkpoints").iterdir())[-1]
+    avg = load_file(str(last / "ema.safetensors"))
+    params = dict(load_folder(root / "teacher_round1" / "model", load_caption_decoder=False).model.named_parameters())
+    assert avg and all(torch.equal(params[k], v) for k, v in avg.items())
+    rec = nano.phase_records(root)["teacher"]
+    assert rec["step"] == 2 and rec["chunks"] == 1  # the round's steps (the teacher phase ran in the fixture)
+    assert nano.phase_model(root, "teacher").model is not None
+    # A rerun finds the teacher done and measures nothing again.
+    _scores(monkeypatch, [])
+    assert nano.run(root, ["teacher"], max_minutes=None, overrides=MICRO_ROUND, progress=False) == {}
+    text = nano.render_report({"phases": {}, "checks": {"teacher_gate": gate}, "command": "x"})
+    assert "round 0: 50.0 %; round 1: 95.0 %; passed by `teacher_round1/model`" in text
+
+
+def test_the_gate_stops_the_recipe_when_every_round_fails(micro_run, tmp_path, monkeypatch):
+    root = _root_before_stage1(micro_run, tmp_path)
+    _scores(monkeypatch, [0.1, 0.2])
+    with pytest.raises(RuntimeError, match="below 90 % in all 2 rounds.*round 1: 20.0 %"):
+        nano.run(root, ["teacher", "stage1"], max_minutes=None, overrides=MICRO_ROUND + ["gate.max_rounds=1"],
+                 progress=False)
+    assert not (root / "stage1").exists() and nano.gate_record(root)["accepted"] is None
+    with pytest.raises(ValueError, match="unknown gate setting"):
+        nano.gate_settings(["gate.min_exct=0.5"])

@@ -161,3 +161,59 @@ def test_a_long_horizon_first_keeps_the_lr_near_its_peak():
     assert held(1297) > 0.99 and abs(held(1298) - 0.80) < 0.01
     with pytest.raises(ValueError, match="pairs"):
         load_config(None, ["optim.horizons=[[1298]]"])
+
+
+def test_ema_follows_the_warmed_up_decay_and_loads_back():
+    from vlv_training.ema import EMA
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([("w", p)], decay=0.9)
+    expected = torch.zeros(3)
+    for value in (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0):
+        with torch.no_grad():
+            p.fill_(value)
+        d = min(0.9, (1 + ema.updates) / (10 + ema.updates))
+        expected = d * expected + (1 - d) * value
+        ema.update()
+    assert torch.allclose(ema.shadow["w"], expected) and ema.updates == 7
+    assert not torch.allclose(ema.shadow["w"], p.detach())
+    tensors, meta = ema.state()
+    other = EMA([("w", torch.nn.Parameter(torch.ones(3)))], decay=0.9)
+    other.load(tensors, meta)
+    assert torch.equal(other.shadow["w"], ema.shadow["w"]) and other.updates == 7
+    ema.copy_to_params()
+    assert torch.equal(p.detach(), ema.shadow["w"])
+    with pytest.raises(ValueError, match="lacks"):
+        other.load({}, meta)
+    with pytest.raises(ValueError, match="ema_decay"):
+        EMA([("w", p)], decay=1.0)
+    with pytest.raises(ValueError, match="ema_decay"):
+        load_config(None, ["ema_decay=1.5"])
+
+
+def test_ema_run_saves_the_average_and_resumes_bit_exactly(tmp_path):
+    straight = _cfg(tmp_path / "a", "teacher", ema_decay=0.9)
+    train(straight, progress=False)
+    run_a = tmp_path / "a" / "teacher"
+    last = run_a / "checkpoints" / "step_000004"
+    raw, avg = load_file(str(last / "weights.safetensors")), load_file(str(last / "ema.safetensors"))
+    assert raw.keys() == avg.keys() and any(not torch.equal(raw[k], avg[k]) for k in raw)
+    # The model folder holds the average, not the last step's weights.
+    model = Engine.from_pretrained(run_a / "model").model
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[k], avg[k]) for k in avg)
+
+    resumed = _cfg(tmp_path / "b", "teacher", ema_decay=0.9)
+    train(resumed, progress=False)
+    run_b = tmp_path / "b" / "teacher"
+    shutil.rmtree(run_b / "checkpoints" / "step_000004")
+    shutil.rmtree(run_b / "model")
+    train(resumed, progress=False)
+    avg_b = load_file(str(run_b / "checkpoints" / "step_000004" / "ema.safetensors"))
+    assert all(torch.equal(avg[k], avg_b[k]) for k in avg)
+
+    # A run without an average cannot silently resume into one that keeps it.
+    plain = _cfg(tmp_path / "c", "teacher", steps=2)
+    train(plain, progress=False)
+    with pytest.raises(ValueError, match="no average"):
+        train(_cfg(tmp_path / "c", "teacher", ema_decay=0.9), progress=False)
