@@ -267,3 +267,17 @@ def test_the_gate_stops_the_recipe_when_every_round_fails(micro_run, tmp_path, m
     assert not (root / "stage1").exists() and nano.gate_record(root)["accepted"] is None
     with pytest.raises(ValueError, match="unknown gate setting"):
         nano.gate_settings(["gate.min_exct=0.5"])
+
+
+def test_a_restarted_phase_counts_only_its_new_chunks(tmp_path):
+    records = [{"phase": "teacher", "step": 3000, "loss": 0.2, "wall_s": 2000.0, "complete": True},
+               {"phase": "stage1", "step": 7000, "loss": 0.1, "wall_s": 5000.0, "complete": True},
+               {"phase": "note", "what": "teacher", "note": "moved aside", "restart": ["teacher", "stage1"]},
+               {"phase": "teacher", "paused_s": 60.0, "note": "stopped"},
+               {"phase": "teacher", "step": 3000, "loss": 0.1, "wall_s": 1800.0, "complete": True},
+               {"phase": "teacher", "round": 1, "step": 1500, "loss": 0.1, "wall_s": 900.0, "complete": True}]
+    (tmp_path / "recipe_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    rec = nano.phase_records(tmp_path)
+    assert "stage1" not in rec
+    assert rec["teacher"]["wall_s"] == 2700.0 and rec["teacher"]["paused_s"] == 60.0
+    assert rec["teacher"]["step"] == 4500 and rec["teacher"]["chunks"] == 2

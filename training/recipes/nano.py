@@ -479,6 +479,10 @@ def phase_records(root: Path) -> dict[str, dict[str, Any]]:
     log = root / "recipe_log.jsonl"
     for line in (log.read_text().splitlines() if log.is_file() else []):
         rec = json.loads(line)
+        # A note that a phase was started over (its earlier models moved aside): what its
+        # earlier chunks took no longer counts.
+        for dropped in rec.get("restart", []):
+            out.pop(dropped, None)
         phase = rec.get("phase")
         if phase not in PHASES:
             continue
