@@ -21,7 +21,9 @@ A finished phase is skipped. `python -m vlv_training.recipes.nano --report` writ
 the metrics of every finished phase (REPORT.md, report.json); `--bundle` copies the
 finished model and its report into the package as the default model.
 `--check teacher|stage1 [--objects 2]` measures a phase while it trains: the teacher must
-draw two-object captions too, or stage 1 cannot learn them (nano_scratch/attempt2).
+draw two-object captions too, or stage 1 cannot learn them (nano_scratch/attempt2). So
+the teacher phase ends with a gate (GATE_SETTINGS): below it, the teacher trains on in
+rounds until one passes, and stage 1 starts from that round.
 """
 
 from __future__ import annotations
