@@ -29,6 +29,33 @@ def test_config_is_consistent():
     assert config.diffusion.unet["in_channels"] == config.diffusion.vae["latent_channels"] + 14
 
 
+def test_the_vae_init_is_pinned_whatever_the_rest_of_the_config(tmp_path, monkeypatch):
+    from vlv_engine.checkpoint.folder import load_folder
+
+    def vae_and_unet(path):
+        model = load_folder(nano.init_model(path), load_caption_decoder=False).model
+        return model.diffusion.vae.state_dict(), model.diffusion.unet.state_dict()
+
+    vae, unet = vae_and_unet(tmp_path / "a")
+    pinned = nano.vae_init_state()
+    assert all(torch.equal(vae[k], pinned[k]) for k in pinned)
+
+    current = nano.nano_config
+
+    def wider_unet():
+        config = current()
+        config.diffusion.unet = dict(config.diffusion.unet, in_channels=4 + 6)
+        config.diffusion.coord_channels = 6
+        return config
+
+    monkeypatch.setattr(nano, "nano_config", wider_unet)
+    vae2, unet2 = vae_and_unet(tmp_path / "b")
+    assert all(torch.equal(vae[k], vae2[k]) for k in vae)
+    # The rest of the model does move with the config: the pin is what holds the VAE.
+    assert unet2["conv_in.weight"].shape != unet["conv_in.weight"].shape
+    assert not torch.equal(unet2["time_embedding.linear_1.weight"], unet["time_embedding.linear_1.weight"])
+
+
 def test_phase_overrides_apply_to_their_phase_only(tmp_path):
     cfg = nano.phase_config("teacher", tmp_path, ["teacher.steps=5", "stage1.steps=7", "teacher.optim.lr=0.01"])
     assert cfg.steps == 5 and cfg.optim.lr == 0.01 and cfg.init == str(tmp_path / "teacher_init")

@@ -92,10 +92,29 @@ def nano_config() -> VLVConfig:
     return config
 
 
+# The VAE's random init is pinned to the draw the bundled run made: seed 0, after every part
+# built before it, when the nano UNet took 4 + 2 input channels. The nano config changed
+# after that run (14 coordinate channels), which moved the VAE's draw; a VAE trained from the
+# moved draw gave, with everything else alike, a stage 1 that redraws the colour and cell of
+# 38 % of single objects instead of 90 % (nano_scratch/README.md). Pinning the draw keeps a
+# from-scratch run on the bundled run's path however the rest of the config changes.
+VAE_INIT_DRAW = {"seed": 0, "unet_in_channels": 6, "coord_channels": 2}
+
+
+def vae_init_state(seed: int = VAE_INIT_DRAW["seed"]) -> dict[str, torch.Tensor]:
+    config = nano_config()
+    config.diffusion.unet = dict(config.diffusion.unet, in_channels=VAE_INIT_DRAW["unet_in_channels"])
+    config.diffusion.coord_channels = VAE_INIT_DRAW["coord_channels"]
+    torch.manual_seed(seed)
+    return VLVModel.from_config(config).diffusion.vae.state_dict()
+
+
 def init_model(path: Path, seed: int = 0) -> Path:
-    """Random weights for every component, saved as the recipe's starting folder."""
+    """Random weights for every component, saved as the recipe's starting folder; the VAE's
+    init is the pinned draw (VAE_INIT_DRAW)."""
     torch.manual_seed(seed)
     model = VLVModel.from_config(nano_config())
+    model.diffusion.vae.load_state_dict(vae_init_state())
     llm_tok, text_tok = tokenizers()
     return save_folder(path, model, llm_tokenizer=llm_tok, text_tokenizer=text_tok)
 
