@@ -425,18 +425,23 @@ def stage1_accuracy(root_or_model: Path, n: int = 60, steps: int = 20, seed: int
     return scene_read_back_accuracy(recon, scenes)
 
 
-@torch.no_grad()
-def vae_accuracy(model_dir: Path, n: int = 100) -> dict[str, float]:
-    """Colour and cell read back from VAE reconstructions of held-out single objects."""
-    from vlv_engine.evaluation import EVAL_SEED, eval_scenes
+def _vae_pixels(scenes: list) -> torch.Tensor:
+    """Rendered scenes as the VAE takes them: [B, 3, 64, 64] in [-1, 1]."""
     from vlv_engine.images import preprocess
 
     from PIL import Image
 
+    return preprocess([Image.fromarray(shapes.render(s)) for s in scenes], shapes.CANVAS, (0.5,) * 3, (0.5,) * 3)
+
+
+@torch.no_grad()
+def vae_accuracy(model_dir: Path, n: int = 100) -> dict[str, float]:
+    """Colour and cell read back from VAE reconstructions of held-out single objects."""
+    from vlv_engine.evaluation import EVAL_SEED, eval_scenes
+
     model = load_folder(model_dir, load_caption_decoder=False).model
     scenes = eval_scenes(n, EVAL_SEED + 11, num_objects=1)
-    x = preprocess([Image.fromarray(shapes.render(s)) for s in scenes], shapes.CANVAS, (0.5,) * 3, (0.5,) * 3)
-    recon = model.diffusion.decode(model.diffusion.encode(x, sample=False))
+    recon = model.diffusion.decode(model.diffusion.encode(_vae_pixels(scenes), sample=False))
     ok = 0
     for scene, img in zip(scenes, recon):
         got = shapes.read_back((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
@@ -452,15 +457,10 @@ def latent_geometry(model_dir: Path) -> dict[str, float]:
     Stage 1 learns colour from the share of the denoising loss that colour makes; the
     bundled VAE puts colours 0.62 of the cell distance apart, the one nano_scratch trained
     from another random init 0.37, and that root's stage 1 learned colour slowly."""
-    from vlv_engine.images import preprocess
-
-    from PIL import Image
-
     model = load_folder(model_dir, load_caption_decoder=False).model
 
     def latents(objects: list[shapes.ShapeObject]) -> torch.Tensor:
-        images = [Image.fromarray(shapes.render(shapes.make_scene([o]))) for o in objects]
-        x = preprocess(images, shapes.CANVAS, (0.5,) * 3, (0.5,) * 3)
+        x = _vae_pixels([shapes.make_scene([o]) for o in objects])
         return model.diffusion.encode(x, sample=False).flatten(1)
 
     def mean_pair_rms(z: torch.Tensor) -> float:
