@@ -445,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-quantize", choices=ENCODER_QUANT_NAMES,
                    help="the fast path's encoder quantization (vlv_engine.engine.encoder_quant)")
     p.add_argument("--decode-schemes", nargs="*", default=[],
-                   help="more decode-suite rows: 'none' (unquantized, fast dtype) or scheme names")
+                   help="more decode-suite rows: 'none' (unquantized, fast dtype), scheme names, or "
+                        "'inductor_graphs' (CUDA: the fast LLM under inductor's CUDA graphs, not captured steps)")
     p.add_argument("--no-compile", action="store_true", help="eager decode step (no torch.compile)")
     p.add_argument("--encoder-backend", default="auto", help="the fast path's encoder backend")
     p.add_argument("--unet-backend", default="auto", choices=["auto", "onnx", "tensorrt", "compile"],

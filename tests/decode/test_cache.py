@@ -47,8 +47,15 @@ def test_caches_are_lru_bounded(llm):
     for batch in (1, 2, 4):
         dec.generate(prefixes(batch, seed=batch), GREEDY, eos_token_id=EOS, pad_token_id=PAD)
     assert sorted(k[0] for k in dec._caches) == [2, 4]
+    # Search states (and on CUDA their graphs) hold their cache: they go with it.
+    assert set(dec._programs) == set(dec._caches)
+    key = next(k for k in dec._caches if k[0] == 2)
+    ((state_before, _),) = dec._programs[key].values()
+    dec.generate(prefixes(2, seed=9), GREEDY, eos_token_id=EOS, pad_token_id=PAD)
+    ((state_after, _),) = dec._programs[key].values()
+    assert state_after is state_before  # reused, not remade
     dec.clear()
-    assert not dec._caches
+    assert not dec._caches and not dec._programs
 
 
 def test_cache_length_is_rounded_up(llm):

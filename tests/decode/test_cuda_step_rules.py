@@ -44,19 +44,31 @@ def test_beam_search_with_late_checks_equals_checking_every_step(every, early_st
 
 
 def test_cuda_step_options_are_known_to_inductor_and_scheme_specific():
-    """The compiled step's inductor options on CUDA (checked here without a GPU): CUDA
-    graphs always; torchao's tuning only for torchao schemes; every key one inductor knows."""
+    """The compiled step's inductor options on CUDA (checked here without a GPU): inductor's
+    CUDA graphs only when the decoder does not capture the step itself; torchao's tuning only
+    for torchao schemes; every key one inductor knows."""
     import torch._inductor.config as inductor_config
 
     from vlv_engine.engine.decode import cuda_step_options
 
     for plain in (None, "int8_cpu", "int4_weight_only", "fp8"):  # nothing inductor generates to tune
-        assert cuda_step_options(plain) == {"triton.cudagraphs": True}
+        assert cuda_step_options(plain) == {"triton.cudagraphs": False}
+        assert cuda_step_options(plain, inductor_graphs=True) == {"triton.cudagraphs": True}
     weight_only = cuda_step_options("int8_weight_only")
-    assert weight_only["triton.cudagraphs"] and weight_only.get("coordinate_descent_tuning") is True
+    assert not weight_only["triton.cudagraphs"] and weight_only.get("coordinate_descent_tuning") is True
     dynamic = cuda_step_options("int8_dynamic")
     assert dynamic.get("force_fuse_int_mm_with_mul") is True and "coordinate_descent_tuning" not in dynamic
     assert all(k == "triton.cudagraphs" or hasattr(inductor_config, k) for k in {**weight_only, **dynamic})
+
+
+def test_cuda_graph_settings_are_checked(eos_llm):
+    """The decoder captures its own CUDA graphs only for a compiled step on CUDA; asking for
+    them elsewhere, or stacking inductor's on top, is refused with the reason."""
+    assert not StaticDecoder(eos_llm, compile=True).capture  # a CPU model: nothing to capture
+    with pytest.raises(ValueError, match="needs compile=True and an LLM on a CUDA device"):
+        StaticDecoder(eos_llm, compile=True, cuda_graphs=True)
+    with pytest.raises(ValueError, match="needs compile=True"):
+        StaticDecoder(eos_llm, cuda_graphs=True)
 
 
 def test_int8_dynamic_compiled_on_cuda_runs_at_least_17_rows(eos_llm, monkeypatch):

@@ -21,12 +21,23 @@ from vlv_engine.engine.decode import StaticDecoder
 from vlv_engine.engine.quantize import EAGER_ONLY_SCHEMES, decode_weight_bytes, quantize_llm
 
 
+INDUCTOR_GRAPHS = "inductor_graphs"  # a decode row, not a scheme: the fast LLM under inductor's CUDA graphs
+
+
 def variant_decoders(setup: BenchSetup, schemes: list[str], dtype: torch.dtype, compile: bool) -> dict:
     """label -> decoder: the fast path's own, plus one per extra scheme ("none": unquantized
-    in `dtype`), each a copy of the reference LLM (measured at the smallest batch only)."""
+    in `dtype`), each a copy of the reference LLM (measured at the smallest batch only).
+    "inductor_graphs" (compiled, CUDA): the fast path's LLM with inductor's own CUDA graphs
+    instead of the decoder's captured token steps, an A/B of the two."""
     out = {f"fast ({setup.notes['quantize']}, {setup.notes['fast_dtype']})": setup.fast_decoder}
     for scheme in schemes:
         if scheme == setup.notes["quantize"]:
+            continue
+        if scheme == INDUCTOR_GRAPHS:
+            if not (compile and setup.device.type == "cuda"):
+                raise ValueError(f"the {INDUCTOR_GRAPHS!r} decode row needs a compiled decoder on CUDA")
+            out[f"fast, inductor CUDA graphs ({setup.notes['quantize']})"] = StaticDecoder(
+                setup.fast_decoder.llm, compile=True, cuda_graphs=False)
             continue
         llm = copy.deepcopy(setup.reference.model.caption_decoder.llm).to(dtype=dtype)
         if scheme != "none":

@@ -14,12 +14,16 @@ does it in the gpt-fast way, with transformers' own model forward:
    image once and copies its keys/values to its K beam rows (HF prefills K copies).
 3. **Decode step.** `decode_step(llm, cache, input_ids [R, 1], cache_position [1]) ->
    logits [R, V]` (fp32): fixed shapes, the position is a tensor, the cache is written in
-   place, so `torch.compile(fullgraph=True, dynamic=False)` compiles it once per cache.
-4. **Search.** Greedy (finished rows are fed the pad token and their outputs masked;
-   stop when every real row has finished or at max_new_tokens) or batched beam search
-   (`vlv_engine.engine.beam`, a port of HF's), whose beam reordering copies
-   `index_select`ed rows back into the same static buffers (addresses never change, as
-   CUDA graphs need).
+   place.
+4. **Token step.** The search is a state machine on the device (`greedy.GreedyState`,
+   `beam.BeamState`: fixed buffers, the token index a tensor). `greedy_token_step` /
+   `beam_token_step` run one token: (beam search: move every cache row to its beam's
+   source row,) the decode step, the search's update, all in place. So one token is one
+   function of fixed shapes and addresses: `torch.compile(fullgraph=True, dynamic=False)`
+   compiles it once per (cache, search settings), and on CUDA it is captured once into a
+   CUDA graph (`cuda_graph`) and each token is one replay, with no guards and no Python
+   in the loop. The host counts tokens and reads the "still running?" flag every few
+   tokens (`stop_check_interval`).
 
 Output convention (that of `generation.generate_reference`): [B, T] new tokens only,
 T the longest caption of the batch (EOS included), positions after a row's EOS hold
@@ -35,8 +39,9 @@ is a pure function of (cache, tokens, position), and (b) reorder beams in place.
 Exactness: in fp32 on the tiny models the tokens equal `generate_reference` (tests in
 `tests/decode/`). The static path attends over the whole masked cache where HF's
 dynamic cache attends over the filled part, so logits may differ in the last bits; a
-near-tie could then pick another token (more likely in bf16). `Engine(decoder=
-"reference")` keeps HF `generate`.
+near-tie could then pick another token (more likely in bf16). Compiled, the search's own
+arithmetic (beam search's log-softmax) is generated code too, with its own rounding.
+`Engine(decoder="reference")` keeps HF `generate`.
 """
 
 from __future__ import annotations
@@ -49,8 +54,10 @@ import torch
 from transformers import PreTrainedModel, StaticCache
 
 from vlv_engine.config import GenerationConfig
-from vlv_engine.engine.beam import beam_search
+from vlv_engine.engine.beam import BeamState, beam_update
+from vlv_engine.engine.cuda_graph import CapturedStep
 from vlv_engine.engine.generation import generate_reference
+from vlv_engine.engine.greedy import GreedyState, greedy_update
 from vlv_engine.engine.quantize import EAGER_ONLY_SCHEMES, NATIVE_SCHEMES
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -100,14 +107,19 @@ def decode_step(llm: PreTrainedModel, cache: StaticCache, input_ids: torch.Tenso
     return out.logits[:, -1].to(torch.float32)
 
 
-def reordered_decode_step(llm: PreTrainedModel, cache: StaticCache, input_ids: torch.Tensor,
-                          cache_position: torch.Tensor, beam_idx: torch.Tensor) -> torch.Tensor:
-    """Beam search's step: move every cache row to its beam's source row (`beam_idx` [R]),
-    then `decode_step`. Compiled, the reordering is inside the step's graph: on CUDA that is
-    one graph replay instead of ~4 kernel launches per layer from the host each step. It
-    copies whole cache rows (static shapes); positions past the filled ones are masked."""
-    reorder_cache_(cache, beam_idx)
-    return decode_step(llm, cache, input_ids, cache_position)
+def greedy_token_step(llm: PreTrainedModel, cache: StaticCache, state: GreedyState) -> None:
+    """One token of greedy search, in place: feed `state.ids` at its position, choose the next
+    token. Static shapes, no host syncs: compiled and captured as one graph."""
+    greedy_update(state, decode_step(llm, cache, state.ids, state.position()))
+
+
+def beam_token_step(llm: PreTrainedModel, cache: StaticCache, state: BeamState, length: int | None = None) -> None:
+    """One token of beam search, in place: move every cache row to its beam's source row
+    (`state.beam_idx`), feed `state.ids`, advance the search. Compiled, the reordering is in
+    the token's graph; eager, `length` limits it to the filled positions (a host int: the
+    compiled step copies whole rows instead, positions past the filled ones are masked)."""
+    reorder_cache_(cache, state.beam_idx, length)
+    beam_update(state, decode_step(llm, cache, state.ids, state.position()))
 
 
 @torch.no_grad()
@@ -148,38 +160,6 @@ def stop_check_interval(device: torch.device) -> int:
     return 8 if device.type == "cuda" else 1
 
 
-def greedy_search(step, first_logits: torch.Tensor, *, max_new_tokens: int, eos_token_id: int | None,
-                  pad_token_id: int, num_real: int | None = None, check_every: int = 1) -> torch.Tensor:
-    """Greedy decoding from the prefill logits [R, V]; `step(input_ids [R, 1], t)` feeds the
-    t-th new token. Returns [num_real, T], T the longest caption (EOS included).
-    check_every: steps between the stop checks (`stop_check_interval`)."""
-    rows = first_logits.shape[0]
-    n = rows if num_real is None else num_real
-    out = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=first_logits.device)
-    unfinished = torch.ones(rows, dtype=torch.bool, device=first_logits.device)
-    # The step at which each row emitted EOS (max_new_tokens: not yet), kept on the device.
-    ended = torch.full((rows,), max_new_tokens, dtype=torch.long, device=first_logits.device)
-    logits = first_logits
-    t = -1
-    for t in range(max_new_tokens):
-        nxt = torch.where(unfinished, logits.argmax(dim=-1), pad_token_id)  # [R]
-        out[:, t] = nxt
-        if eos_token_id is not None:
-            just = unfinished & (nxt == eos_token_id)
-            ended.masked_fill_(just, t)
-            unfinished &= ~just
-        if t + 1 == max_new_tokens:
-            break
-        if eos_token_id is not None and (t + 1) % check_every == 0 and not bool(unfinished[:n].any()):
-            break
-        logits = step(nxt.unsqueeze(1), t)
-    if eos_token_id is None or n == 0:
-        return out[:n, : t + 1]
-    # The loop may have run past the last EOS (checks every `check_every` steps): cut there.
-    length = min(int(ended[:n].max()) + 1, t + 1)
-    return out[:n, :length]
-
-
 # --------------------------------------------------------------------------- decoders
 
 
@@ -194,17 +174,22 @@ class ReferenceDecoder:
         return generate_reference(self.llm, prefix, gen, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
-def cuda_step_options(scheme: str | None) -> dict:
-    """Inductor options of the compiled step on CUDA: "reduce-overhead" (CUDA graphs), and
-    for the int8 torchao schemes the settings of torchao's own `quantize_`, which it would set
-    globally (we pass `set_inductor_config=False` and set them for this compile only):
+def cuda_step_options(scheme: str | None, *, inductor_graphs: bool = False) -> dict:
+    """Inductor options of the compiled token step on CUDA.
+
+    inductor_graphs: inductor's own CUDA graphs ("reduce-overhead"), for a decoder that
+    does not capture the step itself (`StaticDecoder(cuda_graphs=False)`); by default the
+    decoder captures it (`cuda_graph`) and inductor must not.
+
+    For the int8 torchao schemes, the settings of torchao's own `quantize_`, which it would
+    set globally (we pass `set_inductor_config=False` and set them for this compile only):
     * coordinate descent tuning, which int8 weight-only decoding needs: its batch-1 product
       is a multiply + reduction kernel, slow at inductor's default launch configuration;
     * `force_fuse_int_mm_with_mul`: int8 dynamic's int8 product and its scale become one
       kernel. It did not lift cuBLAS's row minimum on an H200 (`min_step_rows` does that)."""
     import torch._inductor.config as inductor_config
 
-    options = {"triton.cudagraphs": True}
+    options = {"triton.cudagraphs": inductor_graphs}
     # Each only where it pays: tuning adds compile time (minutes for a 36-layer step), and
     # int4 / fp8 run their products in library kernels it does not touch.
     if scheme == "int8_weight_only":
@@ -227,31 +212,44 @@ def min_step_rows(scheme: str | None, device_type: str, compiled: bool) -> int:
 class StaticDecoder:
     """Greedy and beam-search captioning from prefix embeddings with static KV caches.
 
-    compile: compile the decode step (`fullgraph=True`, static shapes); `compile_mode`
-    defaults to "reduce-overhead" (CUDA graphs) on CUDA and inductor's default on CPU.
-    Each new (rows, cache length) compiles once (tens of seconds on a CPU); dynamo's
-    `recompile_limit` (8) bounds how many distinct caches one process should use.
-    Not thread-safe: calls share the caches."""
+    compile: compile the token step (`fullgraph=True`, static shapes) with inductor
+    (`compile_mode`, default inductor's default). Each new (rows, cache length, search
+    settings) compiles once (tens of seconds on a CPU); dynamo's `recompile_limit` (8)
+    bounds how many distinct ones one process should use.
+    cuda_graphs: capture each compiled token step into a CUDA graph (`cuda_graph`); None:
+    on CUDA when compiled. False on CUDA uses inductor's own CUDA graphs instead (the
+    token step then pays dynamo's guards on every call).
+    Not thread-safe: calls share the caches and search states."""
 
     def __init__(self, llm: PreTrainedModel, *, compile: bool = False, compile_mode: str | None = None,
-                 batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS,
+                 cuda_graphs: bool | None = None, batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS,
                  length_multiple: int = DEFAULT_LENGTH_MULTIPLE, max_caches: int = 4):
         scheme = getattr(llm, "vlv_quantization", None)
         if compile and scheme in EAGER_ONLY_SCHEMES:
             raise ValueError(f"the compiled decoder cannot run an LLM quantized with {scheme!r}: its layers are "
                              "opaque to torch.compile; use the static decoder (decoder='static')")
+        on_cuda = llm.device.type == "cuda"
+        if cuda_graphs and not (compile and on_cuda):
+            raise ValueError("cuda_graphs=True needs compile=True and an LLM on a CUDA device "
+                             f"(compile={compile}, device={llm.device})")
+        self.capture = bool(compile and on_cuda and cuda_graphs is not False)
+        if self.capture and compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"compile_mode={compile_mode!r} adds inductor's CUDA graphs to a step the decoder "
+                             "captures itself; pass cuda_graphs=False to use inductor's instead")
         self.llm = llm
         self.batch_buckets = tuple(sorted(batch_buckets))
         self.length_multiple = length_multiple
         self.max_caches = max_caches
         self._caches: OrderedDict[tuple, StaticCache] = OrderedDict()
         self._prefill_caches: OrderedDict[tuple, StaticCache] = OrderedDict()
+        # cache key -> {search key: (state, runner)}; dropped with the cache.
+        self._programs: dict[tuple, dict[tuple, tuple]] = {}
         self.compiled = compile
         self._compile_mode = compile_mode
-        self._step = None
-        self._beam_step = None
+        self._compiled_fns: dict = {}
+        self._pool = None  # the CUDA graphs' shared memory pool
 
-    # ------------------------------------------------------------------ caches and step
+    # ------------------------------------------------------------------ caches and steps
 
     def cache(self, rows: int, max_cache_len: int) -> StaticCache:
         """The cache for (rows, length) on the model's device/dtype, allocated once, LRU-kept."""
@@ -262,9 +260,12 @@ class StaticDecoder:
         evicts a decode cache; LRU-kept with the same bound, 1/K of the decode caches' size."""
         return self._cache(self._prefill_caches, rows, max_cache_len)
 
+    def _key(self, rows: int, max_cache_len: int) -> tuple:
+        # The activations' dtype and device (also under weight quantization).
+        return (rows, max_cache_len, self.llm.dtype, self.llm.device)
+
     def _cache(self, store: OrderedDict, rows: int, max_cache_len: int) -> StaticCache:
-        dtype, device = self.llm.dtype, self.llm.device  # the activations' (also under weight quantization)
-        key = (rows, max_cache_len, dtype, device)
+        key = self._key(rows, max_cache_len)
         cache = store.get(key)
         if cache is None:
             cache = StaticCache(config=self.llm.config, max_cache_len=max_cache_len)
@@ -272,37 +273,59 @@ class StaticDecoder:
             heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
             head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
             # Allocate now (not lazily inside a forward): fixed addresses from the start.
-            cache.early_initialization(rows, heads, head_dim, dtype, device)
+            cache.early_initialization(rows, heads, head_dim, dtype=self.llm.dtype, device=self.llm.device)
             store[key] = cache
             while len(store) > self.max_caches:
-                store.popitem(last=False)
+                evicted, _ = store.popitem(last=False)
+                if store is self._caches:
+                    self._programs.pop(evicted, None)  # its states and graphs hold the cache
         store.move_to_end(key)
         return cache
 
     def clear(self) -> None:
-        """Drop every cache (frees their memory)."""
+        """Drop every cache, search state and captured graph (frees their memory)."""
         self._caches.clear()
         self._prefill_caches.clear()
+        self._programs.clear()
 
-    def _compile(self, fn):
-        mode, options = self._compile_mode, None
-        if mode is None and self.llm.device.type == "cuda":
-            options = cuda_step_options(getattr(self.llm, "vlv_quantization", None))
-        return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode, options=options)
+    def step_fn(self, token_step):
+        """`token_step` (`greedy_token_step` or `beam_token_step`), compiled on first use when
+        `compile` is set."""
+        if not self.compiled:
+            return token_step
+        fn = self._compiled_fns.get(token_step)
+        if fn is None:
+            options = None
+            if self._compile_mode is None and self.llm.device.type == "cuda":
+                options = cuda_step_options(getattr(self.llm, "vlv_quantization", None),
+                                            inductor_graphs=not self.capture)
+            fn = torch.compile(token_step, fullgraph=True, dynamic=False, mode=self._compile_mode, options=options)
+            self._compiled_fns[token_step] = fn
+        return fn
 
-    @property
-    def step_fn(self):
-        """`decode_step`, compiled on first use when `compile` is set."""
-        if self._step is None:
-            self._step = self._compile(decode_step) if self.compiled else decode_step
-        return self._step
+    def _program(self, cache: StaticCache, rows: int, length: int, search: tuple, token_step, make_state):
+        """(state, runner) of one search on one cache, made once: `runner(filled)` runs one
+        token (`filled`: the cache positions filled so far, for the eager beam reordering)."""
+        programs = self._programs.setdefault(self._key(rows, length), {})
+        program = programs.get(search)
+        if program is None:
+            state, fn = make_state(), self.step_fn(token_step)
+            if self.capture:
+                state.reset(rows // getattr(state, "num_beams", 1), state.capacity)  # valid indices while warming up
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                graph = CapturedStep(lambda: fn(self.llm, cache, state), pool=self._pool)
 
-    @property
-    def beam_step_fn(self):
-        """`reordered_decode_step`, compiled on first use (compiled decoders only)."""
-        if self._beam_step is None:
-            self._beam_step = self._compile(reordered_decode_step)
-        return self._beam_step
+                def runner(filled: int) -> None:
+                    graph()
+            elif self.compiled or token_step is greedy_token_step:
+                def runner(filled: int) -> None:
+                    fn(self.llm, cache, state)
+            else:
+                def runner(filled: int) -> None:
+                    fn(self.llm, cache, state, filled)
+            program = programs[search] = (state, runner)
+        return program
 
     def _threads(self):
         """The thread policy of the loop: with our int8 CPU kernel, the cores go to its pool
@@ -337,53 +360,47 @@ class StaticDecoder:
     def _generate_bucket(self, prefix: torch.Tensor, gen: GenerationConfig, eos: int | None,
                          pad: int) -> torch.Tensor:
         n, nq, hidden = prefix.shape
-        beams = gen.num_beams
+        beams, max_new = gen.num_beams, gen.max_new_tokens
         least = min_step_rows(getattr(self.llm, "vlv_quantization", None), self.llm.device.type, self.compiled)
         rows = bucket_batch(max(n, -(-least // beams)), self.batch_buckets)
-        if gen.max_new_tokens < 1:
+        if max_new < 1:
             return torch.empty((n, 0), dtype=torch.long, device=prefix.device)
-        # 1. Pad to the bucket with zero rows (dropped at the end).
-        x = torch.cat([prefix, prefix.new_zeros(rows - n, nq, hidden)]) if rows > n else prefix  # [rows, Nq, H]
-        # 2. Prefill into the reset cache, one row per beam (row b*K + k).
-        length = round_up(nq + gen.max_new_tokens, self.length_multiple)
+        # 1. The cache and the search's state for this bucket (made once, then reused).
+        length = round_up(nq + max_new, self.length_multiple)
         cache = self.cache(rows * beams, length)
+        capacity, device = length - nq, prefix.device  # the most new tokens this cache holds
+        if beams == 1:
+            state, run = self._program(
+                cache, rows, length, ("greedy", eos, pad, nq), greedy_token_step,
+                lambda: GreedyState.allocate(rows, capacity, eos=eos, pad=pad, prefix_len=nq, device=device))
+            state.reset(n, max_new)
+        else:
+            search = ("beam", beams, eos, pad, nq, gen.length_penalty, gen.early_stopping)
+            state, run = self._program(
+                cache, rows * beams, length, search, beam_token_step,
+                lambda: BeamState.allocate(rows, beams, capacity, eos=eos, pad=pad, prefix_len=nq,
+                                           length_penalty=gen.length_penalty, early_stopping=gen.early_stopping,
+                                           device=device))
+            state.reset(n, max_new)
+        # 2. Pad to the bucket with zero rows (dropped at the end); prefill into the reset
+        # cache, one row per beam (row b*K + k); choose the first token.
+        x = torch.cat([prefix, prefix.new_zeros(rows - n, nq, hidden)]) if rows > n else prefix  # [rows, Nq, H]
         cache.reset()
         if beams == 1:
-            logits = prefill(self.llm, cache, x)  # [rows, V]
+            greedy_update(state, prefill(self.llm, cache, x))  # [rows, V]
         else:
-            logits = prefill_beams(self.llm, cache, self.prefill_cache(rows, length), x, beams)  # [rows*K, V]
-        step_fn = self.step_fn
-        # The position lives on the device and is filled in place: a tensor made from a
-        # host int each step would be a host-to-device copy, which waits for the GPU.
-        position = torch.empty(1, dtype=torch.long, device=prefix.device)
-
-        def step(input_ids: torch.Tensor, t: int) -> torch.Tensor:
-            position.fill_(nq + t)
-            # Contiguous: beam search passes a strided view, and a compiled step guards on strides.
-            return step_fn(self.llm, cache, input_ids.contiguous(), position)
-
-        # 3. Search.
-        check_every = stop_check_interval(prefix.device)
-        if beams == 1:
-            return greedy_search(step, logits, max_new_tokens=gen.max_new_tokens, eos_token_id=eos,
-                                 pad_token_id=pad, num_real=n, check_every=check_every)
-        if self.compiled:  # the reordering runs inside the compiled step
-            beam_step_fn, pending = self.beam_step_fn, []
-
-            def reorder(idx: torch.Tensor, length: int) -> None:
-                pending.append(idx.to(torch.long))
-
-            def step(input_ids: torch.Tensor, t: int) -> torch.Tensor:  # noqa: F811 (the beam variant)
-                position.fill_(nq + t)
-                return beam_step_fn(self.llm, cache, input_ids.contiguous(), position, pending.pop())
-        else:
-            def reorder(idx: torch.Tensor, length: int) -> None:
-                reorder_cache_(cache, idx, length)
-        return beam_search(step, reorder, logits,
-                           batch_size=rows, num_beams=beams, max_new_tokens=gen.max_new_tokens,
-                           eos_token_id=eos, pad_token_id=pad, length_penalty=gen.length_penalty,
-                           early_stopping=gen.early_stopping, prefix_len=nq, num_real=n,
-                           check_every=check_every)
+            beam_update(state, prefill_beams(self.llm, cache, self.prefill_cache(rows, length), x, beams))
+        # 3. One token step per new token; the host reads the "still running?" flag every
+        # `check_every` tokens (on CUDA each read waits for the GPU).
+        check_every = stop_check_interval(device)
+        running = state.alive if beams == 1 else state.go
+        steps = 1
+        while steps < max_new:
+            if steps % check_every == 0 and not bool(running):
+                break
+            run(nq + steps - 1)
+            steps += 1
+        return state.result(n, steps) if beams == 1 else state.result(n)
 
 
 def make_decoder(kind: str, llm: PreTrainedModel) -> CaptionLLMDecoder:

@@ -1,0 +1,58 @@
+"""Token steps captured into CUDA graphs (`vlv_engine.engine.cuda_graph`).
+
+The capture itself needs a GPU (these run in `benchmarks/gpu_check.sh`); on the CPU the
+refusal is checked, and the state machines the graphs replay are the ones every CPU test
+runs (eager and compiled)."""
+
+import pytest
+import torch
+from decode_helpers import EOS, PAD, prefixes
+
+from vlv_engine.config import GenerationConfig
+from vlv_engine.engine.cuda_graph import CapturedStep
+from vlv_engine.engine.decode import StaticDecoder
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_capture_without_cuda_is_refused_with_the_reason():
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        CapturedStep(lambda: None)
+
+
+@needs_cuda
+def test_captured_step_replays_in_place():
+    x = torch.zeros(4, device="cuda")
+    step = CapturedStep(lambda: x.add_(1.0), warmup=2)  # warm-up runs twice; capture runs nothing
+    torch.cuda.synchronize()
+    assert x.tolist() == [2.0] * 4
+    x.zero_()
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    assert x.tolist() == [3.0] * 4
+
+
+@needs_cuda
+@pytest.mark.parametrize("gen", [GenerationConfig(max_new_tokens=20, num_beams=1),
+                                 GenerationConfig(max_new_tokens=20, num_beams=3),
+                                 GenerationConfig(max_new_tokens=20, num_beams=2, early_stopping="never",
+                                                  length_penalty=2.0)], ids=["greedy", "beam3", "beam2-never"])
+def test_captured_decoding_equals_eager_on_cuda(eos_llm, gen):
+    """fp32 tiny model with EOS at different steps: the captured token steps give the eager
+    decoder's tokens, call after call (one graph per cache and search, replayed)."""
+    import copy
+
+    llm = copy.deepcopy(eos_llm).cuda()
+    eager, captured = StaticDecoder(llm), StaticDecoder(llm, compile=True)
+    inductor = StaticDecoder(llm, compile=True, cuda_graphs=False)  # inductor's own CUDA graphs
+    assert captured.capture and not inductor.capture
+    for seed, batch in ((1, 6), (2, 5), (3, 8)):  # one 8-row bucket
+        prefix = prefixes(batch, seed=seed).cuda()
+        want = eager.generate(prefix, gen, eos_token_id=EOS, pad_token_id=PAD)
+        for dec in (captured, inductor):
+            got = dec.generate(prefix, gen, eos_token_id=EOS, pad_token_id=PAD)
+            assert got.shape == want.shape
+            assert (got == want).float().mean().item() >= 0.98  # fused kernels may round differently
+    assert sum(len(p) for p in captured._programs.values()) == 1
