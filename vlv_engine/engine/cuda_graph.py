@@ -50,7 +50,6 @@ class CapturedStep:
         self.graph.replay()
 
 
-def step_runner(fn: Callable[[], None], *, capture: bool, pool=None) -> Callable[[], None]:
-    """What the decode loop calls once per token: the captured graph on CUDA (capture=True),
-    else `fn` itself (eager or compiled; on a CPU there is nothing to capture)."""
-    return CapturedStep(fn, pool=pool) if capture else fn
+def graph_pool():
+    """A new memory pool for a decoder's graphs to share."""
+    return torch.cuda.graph_pool_handle()

@@ -55,7 +55,7 @@ from transformers import PreTrainedModel, StaticCache
 
 from vlv_engine.config import GenerationConfig
 from vlv_engine.engine.beam import BeamState, beam_update
-from vlv_engine.engine.cuda_graph import CapturedStep
+from vlv_engine.engine.cuda_graph import CapturedStep, graph_pool
 from vlv_engine.engine.generation import generate_reference
 from vlv_engine.engine.greedy import GreedyState, greedy_update
 from vlv_engine.engine.quantize import EAGER_ONLY_SCHEMES, NATIVE_SCHEMES
@@ -313,7 +313,7 @@ class StaticDecoder:
             if self.capture:
                 state.reset(rows // getattr(state, "num_beams", 1), state.capacity)  # valid indices while warming up
                 if self._pool is None:
-                    self._pool = torch.cuda.graph_pool_handle()
+                    self._pool = graph_pool()
                 graph = CapturedStep(lambda: fn(self.llm, cache, state), pool=self._pool)
 
                 def runner(filled: int) -> None:
