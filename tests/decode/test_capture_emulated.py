@@ -12,6 +12,8 @@ import pytest
 import torch
 from decode_helpers import EOS, PAD, prefixes
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import vlv_engine.engine.decode as decode
 from vlv_engine.config import GenerationConfig
@@ -52,3 +54,53 @@ def test_token_steps_replayed_from_one_trace_equal_the_eager_loop(gen, eos_llm, 
         got = replayed.generate(prefix, gen, eos_token_id=EOS, pad_token_id=PAD)
         assert got.shape == want.shape and torch.equal(got, want)
     assert TracedOnce.traced == 1  # one trace, replayed for every token of every call
+
+
+class _HostTensorProbe(TorchDispatchMode):
+    """Records every aten op and each host (CPU) tensor it reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.host_args = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops.append(str(func))
+        self.host_args += [(str(func), tuple(a.shape)) for a in tree_flatten((args, kwargs))[0]
+                           if isinstance(a, torch.Tensor) and a.device.type == "cpu"]
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_token_steps_read_no_host_tensor_and_never_sync(search):
+    """On a GPU a host tensor inside the step is a copy (or a kernel argument) frozen at
+    capture, and makes inductor skip its own CUDA graphs; a host read (`.item()`,
+    `nonzero`) is a sync, illegal while capturing. Checked on the "meta" device (shapes
+    only, no CPU fallback): a model, cache and search state off the CPU, one token step."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, StaticCache
+
+    from vlv_engine.engine.beam import BeamState
+    from vlv_engine.engine.greedy import GreedyState
+
+    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)
+    meta = torch.device("meta")
+    with meta:
+        llm = Qwen2ForCausalLM(config).eval()
+    cache = StaticCache(config=config, max_cache_len=128)
+    cache.early_initialization(4, 2, 16, torch.float32, meta)
+    if search == "greedy":
+        state = GreedyState.allocate(4, 64, eos=EOS, pad=PAD, prefix_len=8, device=meta)
+        state.reset(3, 20)
+        step = decode.greedy_token_step
+    else:
+        state = BeamState.allocate(2, 2, 64, eos=EOS, pad=PAD, length_penalty=1.0, early_stopping=True,
+                                   prefix_len=8, device=meta)
+        state.reset(2, 20)
+        step = decode.beam_token_step
+    probe = _HostTensorProbe()
+    with torch.no_grad(), probe:
+        step(llm, cache, state)
+    assert len(probe.ops) > 100  # the whole forward ran under the probe
+    assert probe.host_args == []
+    assert not {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.item.default"} & set(probe.ops)

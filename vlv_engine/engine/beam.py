@@ -113,7 +113,7 @@ class BeamState:
         self.running_sequences.fill_(self.pad)
         self.sequences.fill_(self.pad)
         self.running_beam_scores.zero_()
-        self.running_beam_scores[:, 1:] = _NEG  # only beam 0 counts at the first step: all beams are equal
+        self.running_beam_scores[:, 1:].fill_(_NEG)  # only beam 0 counts at the first step: all beams are equal
         self.beam_scores.fill_(_NEG)
         self.is_sent_finished.fill_(False)
         self.unsatisfied.fill_(True)
@@ -123,10 +123,10 @@ class BeamState:
         self.max_length.fill_(max_new_tokens)
         self.max_denom.fill_(float(max_new_tokens) ** self.length_penalty)
         self.ids.fill_(self.pad)
-        self.beam_idx.copy_(torch.arange(self.beam_idx.shape[0]))
+        torch.arange(self.beam_idx.shape[0], out=self.beam_idx)
         self.go.fill_(num_real > 0)
         self.real.fill_(False)
-        self.real[:num_real] = True
+        self.real[:num_real].fill_(True)
 
     def position(self) -> torch.Tensor:
         """[1]: the cache position of `ids` (prefix_len + cur_len - 1)."""

@@ -57,7 +57,7 @@ class GreedyState:
         self.unfinished.fill_(True)
         self.ended.fill_(self.capacity)
         self.real.fill_(False)
-        self.real[:num_real] = True
+        self.real[:num_real].fill_(True)
         self.alive.fill_(num_real > 0)
         self.t.zero_()
         self.ids.fill_(self.pad)
