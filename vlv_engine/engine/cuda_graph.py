@@ -1,4 +1,5 @@
-"""One decode token as one CUDA graph replay.
+"""One decode token as one CUDA graph replay (`CapturedStep`, also behind the encoder's
+segment graphs in `segment_graph`).
 
 A compiled token step (decode step + cache reordering + search bookkeeping, all in place
 on fixed buffers) still costs the host dynamo's guard checks on every call: hundreds of
@@ -12,8 +13,9 @@ after warm-up calls (which compile it), and each token is `graph.replay()`: no P
 model code, no guards, one launch (the approach of vLLM's decode graphs). What this needs
 of the step, and what our token steps guarantee: fixed shapes, inputs and outputs in
 buffers whose addresses never change (the KV cache and the search state), no host
-syncs and no allocation that outlives the call. Warm-up calls change those buffers:
-the caller resets them after `capture`.
+syncs, and nothing allocated in the call that is read after it. Warm-up calls change
+those buffers: the decoder resets them after capturing. `tests/decode/
+test_capture_emulated.py` checks these properties on the CPU.
 """
 
 from __future__ import annotations
@@ -29,22 +31,24 @@ class CapturedStep:
     pool: a memory pool shared by a decoder's graphs (`torch.cuda.graph_pool_handle()`).
     Sharing is safe here because the steps keep nothing in the pool between replays (their
     results are written into the caller's buffers) and one decoder never replays two
-    graphs at once."""
+    graphs at once. `result`: what `fn` returned while being captured (tensors it
+    allocated live in the graph's memory, and each replay rewrites them)."""
 
-    def __init__(self, fn: Callable[[], None], *, pool=None, warmup: int = 2):
+    def __init__(self, fn: Callable[[], object], *, pool=None, warmup: int = 2, device: torch.device | None = None):
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA graph capture needs a CUDA device; this torch sees none")
         # Warm up on a side stream, as capture requires: it compiles the step, runs
-        # autotuning and initializes the libraries (cuBLAS workspaces) outside the capture.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
+        # autotuning and initializes the libraries (cuBLAS workspaces) outside the capture,
+        # and lets the caching allocator settle (a capture may not compile or allocate anew).
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(warmup):
                 fn()
-        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            fn()
+            self.result = fn()
 
     def __call__(self) -> None:
         self.graph.replay()

@@ -21,6 +21,8 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from vlv_engine.engine.cuda_graph import CapturedStep
+
 Segment = Callable[[Tensor], Tensor]
 
 
@@ -79,21 +81,16 @@ class CUDAGraphRecording:
     """One CUDA graph of `segment` on `static_input` (a CUDA tensor)."""
 
     def __init__(self, segment: Segment, static_input: Tensor, warmup: int = 2):
-        stream = torch.cuda.Stream(device=static_input.device)
-        stream.wait_stream(torch.cuda.current_stream(static_input.device))
-        # Warm-up off the capture stream: Triton compiles its kernels and the caching
-        # allocator settles before capture (a capture may not compile or allocate anew).
-        with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(warmup):
-                segment(static_input)
-        torch.cuda.current_stream(static_input.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.static_output = segment(static_input)
+        def run() -> Tensor:
+            with torch.no_grad():
+                return segment(static_input)
+
+        self._step = CapturedStep(run, warmup=warmup, device=static_input.device)
+        self.static_output = self._step.result
         self.static_input = static_input
 
     def replay(self) -> None:
-        self.graph.replay()
+        self._step()
 
 
 def cuda_graph_recorder(segment: Segment, static_input: Tensor) -> CUDAGraphRecording:
