@@ -47,7 +47,9 @@ class CapturedStep:
                 fn()
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: a service's other threads may use the GPU (preprocessing, another
+        # engine) while this one captures; "global" would make their calls fail the capture.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.result = fn()
 
     def __call__(self) -> None:
