@@ -9,7 +9,9 @@
 #            the native CUDA preprocess kernels), slow ones included; --test-paths narrows it;
 #   decode   `vlv bench --preset paper --suites decode`: bf16, int8 and int4 at batch 1
 #            (ms/token, tokens/s, % of the bandwidth bound) beside HF fp32, and bf16 under
-#            inductor's CUDA graphs instead of the captured token steps (an A/B);
+#            inductor's CUDA graphs instead of the captured token steps (an A/B; its
+#            kernels are the bf16 step's, already built, so it runs before int8, whose
+#            tuning is slow);
 #   e2e      a 300-token 4-beam caption at batch 1 in bf16 (and, after the encoder step, with
 #            an int4 decoder), beside HF generate in fp32;
 #   encoder  the encoder to the bottleneck at batch 1, 8 and 64 beside the eager fp32 encoder;
@@ -157,7 +159,7 @@ if want tests && [ "$L_TESTS" -gt 0 ]; then
   echo "-- tests: $((SECONDS - t0)) s"
 fi
 want decode && bench decode "$L_DECODE" --suites decode --batch-sizes 1 --new-tokens "$DTOKENS" --repeats 2 \
-  --decode-schemes "${ABROW[@]}" "$INT8" "$INT4"
+  --decode-schemes "$INT4" "${ABROW[@]}" "$INT8"
 want e2e && bench e2e "$L_E2E" --suites e2e --e2e-batch-sizes 1 --batch-sizes 1 --new-tokens "$TOKENS" \
   --repeats 2 --latency-repeats 2
 want encoder && bench encoder "$L_ENCODER" --suites encoder --batch-sizes $ENC --repeats 5
