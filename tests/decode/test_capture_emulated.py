@@ -104,3 +104,29 @@ def test_token_steps_read_no_host_tensor_and_never_sync(search):
     assert len(probe.ops) > 100  # the whole forward ran under the probe
     assert probe.host_args == []
     assert not {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.item.default"} & set(probe.ops)
+
+
+def test_a_failed_capture_falls_back_to_the_uncaptured_step(eos_llm, monkeypatch, caplog):
+    """A step CUDA refuses to capture still decodes (uncaptured), says why in the log and
+    in `capture_failures`, and is not retried on every call."""
+    attempts = []
+
+    def refuse(fn, *, pool=None, warmup: int = 2):
+        attempts.append(fn)
+        fn()  # the warm-up runs (and compiles) before the capture fails
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(decode, "CapturedStep", refuse)
+    monkeypatch.setattr(decode, "graph_pool", lambda: None)
+    eager, fallback = StaticDecoder(eos_llm), StaticDecoder(eos_llm)
+    fallback.capture = True
+    for gen in (GenerationConfig(max_new_tokens=16, num_beams=1), GenerationConfig(max_new_tokens=16, num_beams=2)):
+        for seed in (4, 5):
+            prefix = prefixes(3, seed=seed)
+            with caplog.at_level("WARNING", logger="vlv_engine.engine.decode"):
+                got = fallback.generate(prefix, gen, eos_token_id=EOS, pad_token_id=PAD)
+            assert torch.equal(got, eager.generate(prefix, gen, eos_token_id=EOS, pad_token_id=PAD))
+    assert len(attempts) == 2  # once per (cache, search), not per call
+    assert list(fallback.capture_failures.values()) == ["RuntimeError: operation not permitted when stream is "
+                                                       "capturing"] * 2
+    assert sum("CUDA graph capture of the decode step failed" in r.message for r in caplog.records) == 2

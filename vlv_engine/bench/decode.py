@@ -109,6 +109,9 @@ def run_decode(setup: BenchSetup, batches: list[int], *, repeats: int, bandwidth
                      "bw_bound_pct": round(100 * bound_s / fast_s, 1),
                      "ref_bw_bound_pct": round(100 * (ref_bytes / bandwidth) / ref_s, 1),
                      "token_match": round(token_match(ids, ref_ids), 3)}
+            if getattr(decoder, "capture", False):  # the decoder's own CUDA graphs: did they capture?
+                failures = list(decoder.capture_failures.values())
+                extra["cuda_graph"] = f"capture failed: {failures[0]}" if failures else "captured"
             if setup.device.type == "cuda":
                 try:
                     extra["gpu_kernel_ms"] = _kernel_ms_per_step(decoder, prefix.to(decoder.llm.dtype), n1, n2,

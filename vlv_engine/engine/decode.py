@@ -47,6 +47,7 @@ arithmetic (beam search's log-softmax) is generated code too, with its own round
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import OrderedDict
 from typing import Protocol
 
@@ -59,6 +60,8 @@ from vlv_engine.engine.cuda_graph import CapturedStep, graph_pool
 from vlv_engine.engine.generation import generate_reference
 from vlv_engine.engine.greedy import GreedyState, greedy_update
 from vlv_engine.engine.quantize import EAGER_ONLY_SCHEMES, NATIVE_SCHEMES
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_LENGTH_MULTIPLE = 64
@@ -248,6 +251,8 @@ class StaticDecoder:
         self._compile_mode = compile_mode
         self._compiled_fns: dict = {}
         self._pool = None  # the CUDA graphs' shared memory pool
+        # Why a capture failed, per (cache, search): that search runs the compiled step uncaptured.
+        self.capture_failures: dict[tuple, str] = {}
 
     # ------------------------------------------------------------------ caches and steps
 
@@ -310,12 +315,8 @@ class StaticDecoder:
         program = programs.get(search)
         if program is None:
             state, fn = make_state(), self.step_fn(token_step)
-            if self.capture:
-                state.reset(rows // getattr(state, "num_beams", 1), state.capacity)  # valid indices while warming up
-                if self._pool is None:
-                    self._pool = graph_pool()
-                graph = CapturedStep(lambda: fn(self.llm, cache, state), pool=self._pool)
-
+            graph = self._capture(fn, cache, state, (rows, length, *search)) if self.capture else None
+            if graph is not None:
                 def runner(filled: int) -> None:
                     graph()
             elif self.compiled or token_step is greedy_token_step:
@@ -326,6 +327,24 @@ class StaticDecoder:
                     fn(self.llm, cache, state, filled)
             program = programs[search] = (state, runner)
         return program
+
+    def _capture(self, fn, cache: StaticCache, state, key: tuple) -> CapturedStep | None:
+        """`fn(llm, cache, state)` captured into a CUDA graph, or None when capture fails.
+        A step that cannot be captured (an operation CUDA forbids while capturing, in a
+        quantization library's kernels say) still decodes correctly uncaptured, only with
+        the host's per-call cost: the failure is logged and kept in `capture_failures`
+        (the decode benchmark reports it) rather than failing the caption."""
+        state.reset(state.real.shape[0], state.capacity)  # valid indices while warming up
+        if self._pool is None:
+            self._pool = graph_pool()
+        try:
+            return CapturedStep(lambda: fn(self.llm, cache, state), pool=self._pool)
+        except RuntimeError as err:
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            self.capture_failures[key] = reason
+            log.warning("CUDA graph capture of the decode step failed (%s); this search runs the compiled step "
+                        "without it", reason)
+            return None
 
     def _threads(self):
         """The thread policy of the loop: with our int8 CPU kernel, the cores go to its pool
