@@ -12,9 +12,9 @@ Three runners, one per backend (chosen by `vlv_engine.engine.encoder_select`):
   both).
 * `TritonEncoderPath`: `FusedEncoderPath` (Florence-2's BART encoder and query decoder,
   phi and the CLIP text encoder on the vlv ops; the DaViT vision tower stays as it is)
-  with the fixed-shape phi -> text encoder segment replayed from one CUDA graph per
-  batch bucket (`vlv_engine.engine.segment_graph`); ``graph_scope="full"`` captures the
-  whole path (vision tower included) instead.
+  replayed from one CUDA graph per batch bucket (`vlv_engine.engine.segment_graph`):
+  the whole path, vision tower included (``graph_scope="full"``, the default), or only
+  the fixed-shape phi -> text encoder segment (``graph_scope="segment"``).
 
 None of them changes the model it is given: the fused modules share its parameters
 (and hold stacked copies of the q/k/v weights, taken when the runner is built: load
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from vlv_engine.engine.encoder_select import ENCODER_BACKENDS, EncoderBackendChoice
-from vlv_engine.engine.segment_graph import (BucketedSegment, bucket_for, cuda_graph_recorder, eager_recorder,
+from vlv_engine.engine.segment_graph import (BucketedSegment, CUDAGraphRecorder, bucket_for, eager_recorder,
                                              pad_rows, power_of_two_buckets)
 from vlv_engine.ops.fused_blocks import FusedBartDecoder, FusedBartEncoder, FusedCLIPTextEncoder
 from vlv_engine.ops.fused_modules import fuse_projector
@@ -139,10 +139,12 @@ class TritonEncoderPath:
     backend = "triton"
 
     def __init__(self, model: nn.Module, *, max_batch: int = 8, cuda_graph: bool | None = None,
-                 graph_scope: str = "segment", recorder: Callable | None = None):
-        # cuda_graph: None = on CUDA devices. graph_scope: what one graph holds, "segment"
-        # (phi -> text encoder, from the query states) or "full" (pixels -> embedding: the
-        # vision tower and BART too; every shape in the path is fixed by the image size).
+                 graph_scope: str = "full", recorder: Callable | None = None):
+        # cuda_graph: None = on CUDA devices. graph_scope: what one graph holds, "full"
+        # (pixels -> embedding, the vision tower and BART included: every shape in the path
+        # is fixed by the image size) or "segment" (phi -> text encoder, from the query
+        # states; the rest runs eagerly). Full, because at batch 1 the eager vision tower
+        # and BART are hundreds of small kernels whose launches, not the GPU, set the time.
         # recorder: replaces the CUDA-graph recorder (tests: segment_graph.eager_recorder).
         if graph_scope not in GRAPH_SCOPES:
             raise ValueError(f"unknown graph_scope {graph_scope!r}; choose one of {GRAPH_SCOPES}")
@@ -157,7 +159,7 @@ class TritonEncoderPath:
         if self._segments is None:
             recorder = self._recorder
             if recorder is None and (self._cuda_graph if self._cuda_graph is not None else device.type == "cuda"):
-                recorder = cuda_graph_recorder
+                recorder = CUDAGraphRecorder()
             if recorder is None:
                 return None
             fn = self.fused.segment if self.graph_scope == "segment" else self.fused.forward

@@ -9,8 +9,8 @@ changes nothing in rows 0..n), the graph replays, rows 0..n are copied out.
     out = runner(x)  # [n, Nq, d] -> [n, Nq, D], any n (above the largest bucket: in chunks)
 
 A recorder turns (segment, static input) into a `Recording` (``replay()`` writes
-``static_output``). `cuda_graph_recorder` captures a CUDA graph after a warm-up on a
-side stream; `eager_recorder` reruns the segment on the same static buffers, so the
+``static_output``). `CUDAGraphRecorder` captures a CUDA graph after a warm-up on a
+side stream, every bucket's graph in one shared memory pool; `eager_recorder` reruns the segment on the same static buffers, so the
 bookkeeping (buckets, padding, slicing back, buffer reuse) is tested on a CPU.
 """
 
@@ -21,7 +21,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from vlv_engine.engine.cuda_graph import CapturedStep
+from vlv_engine.engine.cuda_graph import CapturedStep, graph_pool
 
 Segment = Callable[[Tensor], Tensor]
 
@@ -78,14 +78,15 @@ def eager_recorder(segment: Segment, static_input: Tensor) -> EagerRecording:
 
 
 class CUDAGraphRecording:
-    """One CUDA graph of `segment` on `static_input` (a CUDA tensor)."""
+    """One CUDA graph of `segment` on `static_input` (a CUDA tensor); `pool`: a memory pool
+    shared with other recordings (`CUDAGraphRecorder`)."""
 
-    def __init__(self, segment: Segment, static_input: Tensor, warmup: int = 2):
+    def __init__(self, segment: Segment, static_input: Tensor, warmup: int = 2, pool=None):
         def run() -> Tensor:
             with torch.no_grad():
                 return segment(static_input)
 
-        self._step = CapturedStep(run, warmup=warmup, device=static_input.device)
+        self._step = CapturedStep(run, warmup=warmup, device=static_input.device, pool=pool)
         self.static_output = self._step.result
         self.static_input = static_input
 
@@ -93,7 +94,25 @@ class CUDAGraphRecording:
         self._step()
 
 
+class CUDAGraphRecorder:
+    """Records CUDA graphs that share one memory pool, so a runner's buckets hold one set of
+    intermediates (the largest bucket's) rather than one per bucket. Safe because a
+    replay's output is copied out before the next replay (`BucketedSegment`) and
+    recordings never run at once."""
+
+    def __init__(self):
+        self.pool = None
+
+    def __call__(self, segment: Segment, static_input: Tensor) -> CUDAGraphRecording:
+        if static_input.device.type != "cuda":
+            raise ValueError(f"CUDA graphs capture CUDA work; the static input is on {static_input.device}")
+        if self.pool is None:
+            self.pool = graph_pool()
+        return CUDAGraphRecording(segment, static_input, pool=self.pool)
+
+
 def cuda_graph_recorder(segment: Segment, static_input: Tensor) -> CUDAGraphRecording:
+    """One recording with its own memory pool."""
     if static_input.device.type != "cuda":
         raise ValueError(f"CUDA graphs capture CUDA work; the static input is on {static_input.device}")
     return CUDAGraphRecording(segment, static_input)
