@@ -56,3 +56,22 @@ def test_captured_decoding_equals_eager_on_cuda(eos_llm, gen):
             assert got.shape == want.shape
             assert (got == want).float().mean().item() >= 0.98  # fused kernels may round differently
     assert sum(len(p) for p in captured._programs.values()) == 1
+
+
+def test_search_state_buffers_are_tagged_static():
+    """Inductor's own CUDA graphs (cuda_graphs=False) skip a step that writes its inputs
+    unless they are tagged as fixed addresses, like transformers' static cache."""
+    import dataclasses
+
+    from vlv_engine.engine.beam import BeamState
+    from vlv_engine.engine.greedy import GreedyState
+
+    cpu = torch.device("cpu")
+    states = (GreedyState.allocate(4, 16, eos=EOS, pad=PAD, prefix_len=8, device=cpu),
+              BeamState.allocate(2, 3, 16, eos=EOS, pad=PAD, length_penalty=1.0, early_stopping=True,
+                                 prefix_len=8, device=cpu))
+    for state in states:
+        tensors = [getattr(state, f.name) for f in dataclasses.fields(state)
+                   if isinstance(getattr(state, f.name), torch.Tensor)]
+        assert len(tensors) >= 7
+        assert all(getattr(t, "_dynamo_static_input_type", None) == "unguarded" for t in tensors)

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vlv_engine.engine.cuda_graph import mark_static_buffers
+
 _NEG = -1.0e9  # HF's "impossible" score
 
 
@@ -84,7 +86,7 @@ class BeamState:
         kw = dict(device=device)
         # Python floats (double), as HF divides by; index 0 is never read (lengths start at 1).
         denom = [float(c) ** length_penalty if c else 1.0 for c in range(C + 1)]
-        return cls(
+        state = cls(
             running_sequences=torch.empty(B, K, C, dtype=torch.long, **kw),
             sequences=torch.empty(B, K, C, dtype=torch.long, **kw),
             running_beam_scores=torch.empty(B, K, dtype=torch.float, **kw),
@@ -101,6 +103,8 @@ class BeamState:
             top_mask=(torch.arange(beams_to_keep, **kw) < K),
             num_beams=K, eos=eos, pad=pad, length_penalty=length_penalty, early_stopping=early_stopping,
             prefix_len=prefix_len)
+        mark_static_buffers(state)
+        return state
 
     @property
     def capacity(self) -> int:

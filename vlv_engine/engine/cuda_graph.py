@@ -20,6 +20,7 @@ test_capture_emulated.py` checks these properties on the CPU.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -59,3 +60,14 @@ class CapturedStep:
 def graph_pool():
     """A new memory pool for a decoder's graphs to share."""
     return torch.cuda.graph_pool_handle()
+
+
+def mark_static_buffers(state) -> None:
+    """Tag every tensor of a search state (a dataclass) as a buffer whose address never
+    changes, as transformers tags its static cache. Inductor's own CUDA graphs
+    (`StaticDecoder(cuda_graphs=False)`) skip a graph whose inputs it writes unless they are
+    so tagged; without guards (`guard=False`), so no recompile is tied to an address."""
+    for field in dataclasses.fields(state):
+        value = getattr(state, field.name)
+        if isinstance(value, torch.Tensor):
+            torch._dynamo.mark_static_address(value)

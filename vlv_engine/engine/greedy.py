@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vlv_engine.engine.cuda_graph import mark_static_buffers
+
 
 @dataclass(eq=False)  # buffers: identity, not elementwise equality
 class GreedyState:
@@ -39,10 +41,12 @@ class GreedyState:
                  device: torch.device) -> GreedyState:
         long = dict(dtype=torch.long, device=device)
         flag = dict(dtype=torch.bool, device=device)
-        return cls(out=torch.empty(rows, capacity, **long), unfinished=torch.empty(rows, **flag),
-                   ended=torch.empty(rows, **long), real=torch.empty(rows, **flag), alive=torch.empty((), **flag),
-                   t=torch.empty((), **long), ids=torch.empty(rows, 1, **long), eos=eos, pad=pad,
-                   prefix_len=prefix_len)
+        state = cls(out=torch.empty(rows, capacity, **long), unfinished=torch.empty(rows, **flag),
+                    ended=torch.empty(rows, **long), real=torch.empty(rows, **flag), alive=torch.empty((), **flag),
+                    t=torch.empty((), **long), ids=torch.empty(rows, 1, **long), eos=eos, pad=pad,
+                    prefix_len=prefix_len)
+        mark_static_buffers(state)
+        return state
 
     @property
     def capacity(self) -> int:
