@@ -12,12 +12,11 @@ import pytest
 import torch
 from decode_helpers import EOS, PAD, prefixes
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import vlv_engine.engine.decode as decode
 from vlv_engine.config import GenerationConfig
 from vlv_engine.engine.decode import StaticDecoder
+from vlv_engine.testing.host_probe import HostTensorProbe
 
 
 class TracedOnce:
@@ -56,21 +55,6 @@ def test_token_steps_replayed_from_one_trace_equal_the_eager_loop(gen, eos_llm, 
     assert TracedOnce.traced == 1  # one trace, replayed for every token of every call
 
 
-class _HostTensorProbe(TorchDispatchMode):
-    """Records every aten op and each host (CPU) tensor it reads."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops, self.host_args = [], []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        self.ops.append(str(func))
-        self.host_args += [(str(func), tuple(a.shape)) for a in tree_flatten((args, kwargs))[0]
-                           if isinstance(a, torch.Tensor) and a.device.type == "cpu"]
-        return func(*args, **kwargs)
-
-
 @pytest.mark.parametrize("search", ["greedy", "beam"])
 def test_token_steps_read_no_host_tensor_and_never_sync(search):
     """On a GPU a host tensor inside the step is a copy (or a kernel argument) frozen at
@@ -98,12 +82,12 @@ def test_token_steps_read_no_host_tensor_and_never_sync(search):
                                    prefix_len=8, device=meta)
         state.reset(2, 20)
         step = decode.beam_token_step
-    probe = _HostTensorProbe()
+    probe = HostTensorProbe()
     with torch.no_grad(), probe:
         step(llm, cache, state)
     assert len(probe.ops) > 100  # the whole forward ran under the probe
     assert probe.host_args == []
-    assert not {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.item.default"} & set(probe.ops)
+    assert not probe.syncs
 
 
 def test_a_failed_capture_falls_back_to_the_uncaptured_step(eos_llm, monkeypatch, caplog):
