@@ -8,8 +8,12 @@ from decode_helpers import EOS
 
 
 @pytest.fixture(scope="session")
-def llm(tiny):
-    return tiny.model.caption_decoder.llm
+def llm():
+    """The tiny engine's LLM (same seed, same weights) as transformers builds it: the engine
+    fuses its projections (`fused_projections`), the decode loop is tested on HF's modules."""
+    from vlv_engine.testing.tiny import tiny_model
+
+    return tiny_model(0).caption_decoder.llm
 
 
 @pytest.fixture(scope="session")

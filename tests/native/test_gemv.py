@@ -91,65 +91,6 @@ def test_wrong_dtypes_are_refused():
         gemv.int8_weight_linear(torch.randn(1, 9), q, scale, None)
 
 
-# ----------------------------------------------------------------------------- fusion
-
-
-class _Block(torch.nn.Module):
-    """Llama-style projections: three read one input, two another."""
-
-    def __init__(self, k=48):
-        super().__init__()
-        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(k, n, bias=b) for n, b in
-                                                 ((40, True), (16, True), (16, False)))
-        self.gate_proj, self.up_proj = torch.nn.Linear(k, 64, bias=False), torch.nn.Linear(k, 64, bias=False)
-
-
-def _int8_block(seed):
-    torch.manual_seed(seed)
-    block = _Block()
-    for name, lin in list(block.named_children()):
-        setattr(block, name, gemv.Int8Linear.from_linear(lin))
-    return block
-
-
-def test_fused_group_gives_each_member_its_own_rows_in_any_call_order():
-    plain, fused = _int8_block(1), _int8_block(1)
-    assert gemv.fuse_shared_inputs(fused) == 2
-    x, other = torch.randn(2, 3, 48), torch.randn(2, 3, 48)
-    names = ("q_proj", "k_proj", "v_proj")
-    with torch.no_grad():
-        want = {n: getattr(plain, n)(x) for n in names}
-        # the model's order, another order, a repeated call, a different input in between
-        for order in (names, ("v_proj", "q_proj", "k_proj"), ("q_proj", "q_proj", "k_proj", "v_proj")):
-            for n in order:
-                assert rel_err(getattr(fused, n)(x), want[n]) < 1e-5, (order, n)
-        assert rel_err(fused.k_proj(other), plain.k_proj(other)) < 1e-5
-        assert rel_err(fused.q_proj(x), want["q_proj"]) < 1e-5
-        assert rel_err(fused.k_proj(x), want["k_proj"]) < 1e-5
-        assert rel_err(fused.up_proj(x), plain.up_proj(x)) < 1e-5
-    group = fused.q_proj._group
-    # members are views of one weight: nothing stored twice, and the parameter bytes are unchanged
-    assert fused.k_proj.weight.data_ptr() == group.weight[40:56].data_ptr()
-    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in plain.parameters())
-    # the kept outputs are dropped once every member has taken its own
-    for n in names:
-        getattr(fused, n)(x)
-    assert group._state is None
-
-
-def test_fused_group_runs_one_kernel_call(monkeypatch):
-    fused = _int8_block(2)
-    gemv.fuse_shared_inputs(fused)
-    calls = []
-    real = gemv._int8_weight_linear
-    monkeypatch.setattr(gemv, "_int8_weight_linear", lambda *a: calls.append(a[1].shape) or real(*a))
-    with torch.no_grad():
-        x = torch.randn(1, 48)
-        fused.q_proj(x), fused.k_proj(x), fused.v_proj(x)
-        fused.gate_proj(x), fused.up_proj(x)
-    assert calls == [(72, 48), (128, 48)]
-
-
 def test_kernel_threads_hands_the_cores_to_the_pool():
     before = torch.get_num_threads()
     torch.set_num_threads(2)

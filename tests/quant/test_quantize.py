@@ -279,22 +279,26 @@ def test_int8_cpu_refused_without_the_extension(monkeypatch):
         check_scheme("int8_cpu", "cuda")
 
 
-def test_int8_cpu_fuses_shared_inputs_without_changing_logits(trained):
-    from vlv_engine.native.gemv import Int8Linear
+@pytest.mark.parametrize("scheme", CPU_SCHEMES)
+def test_quantize_fuses_projections_without_changing_logits(trained, scheme, monkeypatch):
+    """q/k/v and gate/up are fused before quantizing (one quantized product each). Every
+    scheme quantizes per output row (or row group), so the fused model's logits equal the
+    unfused quantized model's."""
+    import vlv_engine.engine.quantize as quantize_module
+    from vlv_engine.engine.fused_projections import ProjectionSlice
 
     llm = trained[0]
-    layers = llm.config.num_hidden_layers
-    fused = quantize_llm(copy.deepcopy(llm), "int8_cpu")
-    groups = {id(m._group) for m in fused.modules() if isinstance(m, Int8Linear) and m._group is not None}
-    assert len(groups) == 2 * layers  # q/k/v and gate/up in every layer
-    plain = copy.deepcopy(llm)
-    for name, lin in [(n, m) for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)]:
-        parent, _, child = name.rpartition(".")
-        setattr(plain.get_submodule(parent) if parent else plain, child, Int8Linear.from_linear(lin))
+    fused = quantize_llm(copy.deepcopy(llm), scheme)
+    groups = {id(m.group) for m in fused.modules() if isinstance(m, ProjectionSlice)}
+    assert len(groups) == 2 * llm.config.num_hidden_layers  # q/k/v and gate/up in every layer
+    monkeypatch.setattr(quantize_module, "fuse_projections", lambda model: 0)
+    plain = quantize_llm(copy.deepcopy(llm), scheme)
     ids = torch.randint(0, llm.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a, b = fused(input_ids=ids).logits, plain(input_ids=ids).logits
+        a, b = fused(input_ids=ids).logits.float(), plain(input_ids=ids).logits.float()
     assert float((a - b).norm() / b.norm()) < 1e-5
+    if scheme == "int8_cpu":  # our layer's tensors split back into the model's layout
+        assert sorted(fused.state_dict()) == sorted(plain.state_dict())
 
 
 def test_int8_cpu_decode_loop_gives_torch_one_thread(trained):

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vlv_engine.engine.fused_projections import fuse_projections
 
 class QuantizationError(RuntimeError):
     """A quantization scheme cannot run here (unknown name, torchao, device, GPU)."""
@@ -152,7 +153,8 @@ def quantize_llm(llm: nn.Module, name: str, *, device: str | torch.device | None
     """Quantize the linear layers of `llm` in place with scheme `name`; returns `llm`.
 
     The model should already be on its device. Schemes with bf16 activations cast it to
-    bf16 first. A tied lm_head is untied (see the module docstring)."""
+    bf16 first. Sibling projections are fused first (`fused_projections`: q/k/v and
+    gate/up, one quantized layer each). A tied lm_head is untied (see the module docstring)."""
     device = torch.device(device) if device is not None else next(llm.parameters()).device
     scheme = check_scheme(name, device)
     linears = _linears(llm)
@@ -162,8 +164,10 @@ def quantize_llm(llm: nn.Module, name: str, *, device: str | torch.device | None
     if scheme.activation_dtype is not None and any(p.dtype != scheme.activation_dtype for p in llm.parameters()):
         llm.to(dtype=scheme.activation_dtype)
     was_tied = _lm_head_is_tied(llm)
+    # q/k/v and gate/up as one layer each before quantizing: one quantized product per group.
+    fuse_projections(llm)
     if name in NATIVE_SCHEMES:
-        _replace_linears(llm, linears)
+        _replace_linears(llm, _linears(llm))
     elif name in FBGEMM_SCHEMES:
         from vlv_engine.engine.fbgemm_int8 import swap_linears
 
@@ -181,13 +185,12 @@ def quantize_llm(llm: nn.Module, name: str, *, device: str | torch.device | None
 
 
 def _replace_linears(llm: nn.Module, linears: dict[str, nn.Linear]) -> None:
-    from vlv_engine.native.gemv import Int8Linear, fuse_shared_inputs
+    from vlv_engine.native.gemv import Int8Linear
 
     for name, linear in linears.items():
         parent_name, _, child = name.rpartition(".")
         parent = llm.get_submodule(parent_name) if parent_name else llm
         setattr(parent, child, Int8Linear.from_linear(linear))
-    fuse_shared_inputs(llm)  # q/k/v and gate/up: one kernel call each
 
 
 def _is_linear(module: nn.Module, fqn: str) -> bool:

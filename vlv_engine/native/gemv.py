@@ -32,7 +32,7 @@ from torch import nn
 
 from vlv_engine.native._loader import BUILD_HINT, DISABLE_ENV, _disabled_by_env
 
-__all__ = ["FusedInputGroup", "Int8Linear", "available", "fuse_shared_inputs", "int8_weight_linear",
+__all__ = ["Int8Linear", "available", "int8_weight_linear",
            "int8_weight_linear_reference", "kernel_threads", "quantize_rows", "unavailable_reason"]
 
 
@@ -163,10 +163,8 @@ def _(x, weight, scale, bias):
 class Int8Linear(nn.Module):
     """An ``nn.Linear`` for inference only (no backward): int8 weight [N, K] and fp32
     scale [N] (frozen parameters, so they count as the layer's weight bytes), optional
-    fp32 bias. ``fuse_shared_inputs`` may make it a member of a ``FusedInputGroup``."""
-
-    _group: "FusedInputGroup | None" = None
-    _index = 0
+    fp32 bias. (An attention's q/k/v and an MLP's gate/up arrive here already fused into
+    one layer, `vlv_engine.engine.fused_projections`: one kernel call each.)"""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
@@ -185,88 +183,7 @@ class Int8Linear(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._group is not None:
-            return self._group.output(self._index, x)
         return _linear_fn()(x, self.weight, self.scale, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-# ----------------------------------------------------------------------------- fusion
-
-
-class FusedInputGroup:
-    """Int8Linear layers that a model calls one after another on the same input (an
-    attention's q/k/v, an MLP's gate/up), computed by one kernel call.
-
-    Why: in a batch-1 decode step each call costs ~20-35 us of fixed overhead (Python,
-    the pool's wake-up) while a k/v projection streams its weights in ~5 us; fusing the
-    Qwen2 projections takes a step from 169 calls to 97, and the fused matrices are
-    large enough to split over threads. The weights are concatenated once; each
-    member's ``weight``/``scale``/``bias`` become views into them, so no byte is stored
-    twice and a member called on its own still computes exactly its own rows.
-
-    How: the model's own forward still calls each member. The first member called with a
-    tensor ``x`` computes every member's output for ``x`` and keeps the others'; a member
-    then called with the *same object* ``x`` takes its kept output. Any other call (a
-    different input, a second call) computes the member's rows directly, so results never
-    depend on call order. The kept outputs are dropped when the last member has taken
-    its own. Under ``torch.compile`` dynamo traces the same logic (the fused product is one
-    call of the registered op) and the compiled step keeps the fusion."""
-
-    def __init__(self, members: list[Int8Linear]):
-        k = members[0].in_features
-        if any(m.in_features != k for m in members):
-            raise ValueError("fused layers must share their input width")
-        self.weight = torch.cat([m.weight.detach() for m in members])
-        self.scale = torch.cat([m.scale.detach() for m in members])
-        has_bias = any(m.bias is not None for m in members)
-        self.bias = torch.cat([m.bias.detach() if m.bias is not None else m.scale.new_zeros(m.out_features)
-                               for m in members]) if has_bias else None
-        self.bounds: list[tuple[int, int]] = []
-        lo = 0
-        for i, m in enumerate(members):
-            hi = lo + m.out_features
-            m.weight = nn.Parameter(self.weight[lo:hi], requires_grad=False)
-            m.scale = nn.Parameter(self.scale[lo:hi], requires_grad=False)
-            if m.bias is not None:
-                m.bias = nn.Parameter(self.bias[lo:hi], requires_grad=False)
-            m._group, m._index = self, i
-            self.bounds.append((lo, hi))
-            lo = hi
-        # (input, outputs not yet taken): one attribute, swapped whole, so a thread never
-        # pairs one call's input with another call's outputs.
-        self._state: tuple[torch.Tensor, list[torch.Tensor | None]] | None = None
-
-    def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        state = self._state
-        if state is not None and state[0] is x and state[1][index] is not None:
-            kept = state[1]
-            out, kept[index] = kept[index], None
-            if all(o is None for o in kept) and self._state is state:
-                self._state = None
-            return out
-        y = _linear_fn()(x, self.weight, self.scale, self.bias)
-        kept = [y[..., lo:hi] for lo, hi in self.bounds]
-        out, kept[index] = kept[index], None
-        self._state = (x, kept)
-        return out
-
-
-# Projections that read the same input in Llama-style blocks (Qwen2, Llama, Mistral, ...).
-FUSABLE = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-def fuse_shared_inputs(model: nn.Module, groups: tuple[tuple[str, ...], ...] = FUSABLE) -> int:
-    """Fuse every set of sibling ``Int8Linear`` layers named in ``groups`` (see
-    ``FusedInputGroup``); returns how many groups were made."""
-    made = 0
-    for module in list(model.modules()):
-        for names in groups:
-            members = [getattr(module, n, None) for n in names]
-            if all(isinstance(m, Int8Linear) and m._group is None for m in members) and \
-                    len({m.in_features for m in members}) == 1:
-                FusedInputGroup(members)
-                made += 1
-    return made
