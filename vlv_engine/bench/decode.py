@@ -17,8 +17,7 @@ from vlv_engine.bench.measure import time_calls
 from vlv_engine.bench.pipelines import BenchSetup, token_match
 from vlv_engine.bench.report import Row
 from vlv_engine.config import GenerationConfig
-from vlv_engine.engine.decode import StaticDecoder
-from vlv_engine.engine.fused_projections import fuse_projections
+from vlv_engine.engine.decode import StaticDecoder, prepare_llm
 from vlv_engine.engine.quantize import EAGER_ONLY_SCHEMES, decode_weight_bytes, quantize_llm
 
 
@@ -41,7 +40,7 @@ def variant_decoders(setup: BenchSetup, schemes: list[str], dtype: torch.dtype, 
                 setup.fast_decoder.llm, compile=True, cuda_graphs=False)
             continue
         llm = copy.deepcopy(setup.reference.model.caption_decoder.llm).to(dtype=dtype)
-        fuse_projections(llm)  # as the engine's fast path does
+        prepare_llm(llm)  # as the engine's fast path does
         if scheme != "none":
             quantize_llm(llm, scheme, device=setup.device)
         out[f"{scheme} ({str(llm.dtype).replace('torch.', '')})"] = StaticDecoder(

@@ -57,6 +57,8 @@ from transformers import PreTrainedModel, StaticCache
 from vlv_engine.config import GenerationConfig
 from vlv_engine.engine.beam import BeamState, beam_update
 from vlv_engine.engine.cuda_graph import CapturedStep, graph_pool
+from vlv_engine.engine.decode_attention import use_decode_attention
+from vlv_engine.engine.fused_projections import fuse_projections
 from vlv_engine.engine.generation import generate_reference
 from vlv_engine.engine.greedy import GreedyState, greedy_update
 from vlv_engine.engine.quantize import EAGER_ONLY_SCHEMES, NATIVE_SCHEMES
@@ -86,6 +88,16 @@ def round_up(n: int, multiple: int) -> int:
 
 
 # --------------------------------------------------------------------------- model calls
+
+
+def prepare_llm(llm: PreTrainedModel) -> PreTrainedModel:
+    """The LLM as our decoders run it, in place: q/k/v and gate/up as one product each
+    (`fused_projections`) and one-token attention on the grouped key/value heads
+    (`decode_attention`). Neither changes what the model computes beyond rounding, nor its
+    state dict; `Engine(decoder="reference")` leaves HF's model as it is."""
+    fuse_projections(llm)
+    use_decode_attention(llm)
+    return llm
 
 
 def prefill(llm: PreTrainedModel, cache: StaticCache, prefix: torch.Tensor) -> torch.Tensor:

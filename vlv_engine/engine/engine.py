@@ -18,11 +18,10 @@ from vlv_engine import images as image_io
 from vlv_engine.config import GenerationConfig, VLVConfig
 from vlv_engine.engine.backends.select import (BackendChoice, UNetRunner, build_unet_runner,
                                                build_vae_decoder_runner, select_backend)
-from vlv_engine.engine.decode import DECODERS, make_decoder
+from vlv_engine.engine.decode import DECODERS, make_decoder, prepare_llm
 from vlv_engine.engine.encoder_path import build_encoder_path
 from vlv_engine.engine.encoder_quant import check_encoder_scheme, quantize_encoder
 from vlv_engine.engine.encoder_select import select_encoder_backend
-from vlv_engine.engine.fused_projections import fuse_projections
 from vlv_engine.engine.postprocess import official_postprocess
 from vlv_engine.engine.quantize import EAGER_ONLY_SCHEMES, check_scheme, quantize_llm
 from vlv_engine.engine.results import ItemResult
@@ -92,9 +91,7 @@ class Engine:
             if module is not None:
                 _place(module, self.device, want)
         if decoder != "reference" and self.model.caption_decoder is not None:
-            # Our decoders run q/k/v and gate/up as one product each (`fused_projections`);
-            # "reference" keeps HF's modules as they are.
-            fuse_projections(self.model.caption_decoder.llm)
+            prepare_llm(self.model.caption_decoder.llm)  # "reference" keeps HF's model as it is
         if quantize is not None and self.model.caption_decoder is not None:
             quantize_llm(self.model.caption_decoder.llm, quantize, device=self.device)
             _return_freed_memory()
