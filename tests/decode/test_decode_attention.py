@@ -119,3 +119,36 @@ def test_compiled_step_attends_on_the_unrepeated_cache(llm):
     for node in calls:
         key = node.args[1].meta["example_value"]
         assert key.shape[1] == kv and node.args[0].meta["example_value"].shape[1] == kv
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_one_token_matches_repeated_heads_on_cuda(dtype, bound):
+    """The paper model's shapes (2 key/value heads of 8 queries, head 128, a 384-position
+    cache) through the GPU's SDPA kernels, 4 beams."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 16, 1, 128, generator=g)
+    k, v = torch.randn(4, 2, 384, 128, generator=g), torch.randn(4, 2, 384, 128, generator=g)
+    mask = (torch.arange(384) < torch.tensor([[100], [200], [300], [384]]))[:, None, None, :]
+    module = _Attn(8)
+    got, _ = decode_sdpa(module, q.cuda().to(dtype), k.cuda().to(dtype), v.cuda().to(dtype), mask.cuda(),
+                         scaling=128 ** -0.5)
+    want = _repeated(module, q.double(), k.double(), v.double(), mask, 128 ** -0.5)
+    assert rel_err(got.cpu(), want) < bound
+
+
+@needs_cuda
+def test_prepared_llm_captured_on_cuda_gives_hf_tokens(llm):
+    """fp32: the prepared model's compiled, captured token steps give HF `generate`'s tokens."""
+    prepared = prepare_llm(copy.deepcopy(llm).cuda())
+    reference = copy.deepcopy(llm).cuda()
+    prefix = torch.randn(3, 8, llm.config.hidden_size, generator=torch.Generator().manual_seed(5)).cuda()
+    decoder = StaticDecoder(prepared, compile=True)
+    for beams in (1, 3):
+        gen = GenerationConfig(max_new_tokens=12, num_beams=beams)
+        want = generate_reference(reference, prefix, gen, eos_token_id=EOS, pad_token_id=PAD)
+        assert torch.equal(decoder.generate(prefix, gen, eos_token_id=EOS, pad_token_id=PAD), want)
+    assert not decoder.capture_failures
