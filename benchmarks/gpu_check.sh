@@ -197,6 +197,8 @@ targets = [
     ("decode batch 1 bf16 (tok/s)", pick("decode", "decode", "tokens/s", 1, "fast ("), ">=", 400,
      f"{pick('decode', 'decode', 'ms/token', 1, 'fast (', 'bw_bound_pct')} % of bound"
      + (f", GPU kernels {k} ms/token" if (k := pick('decode', 'decode', 'ms/token', 1, 'fast (', 'gpu_kernel_ms'))
+        is not None else "")
+     + (f", {n} GPU ops/token" if (n := pick('decode', 'decode', 'ms/token', 1, 'fast (', 'gpu_ops'))
         is not None else "")),
     ("decode batch 1 bf16, inductor's CUDA graphs (tok/s)", pick("decode", "decode", "tokens/s", 1, "fast, inductor"),
      ">=", None, "A/B: the same step behind dynamo's guards"),

@@ -1,11 +1,10 @@
 """Decode loop: our static-cache loop (and a quantized one) against HF generate, greedy,
 fixed length (EOS never emitted)."""
 
-import copy
-
 import pytest
 import torch
 
+from vlv_engine.bench.decode import variant_llm
 from vlv_engine.config import GenerationConfig
 from vlv_engine.engine.decode import StaticDecoder
 from vlv_engine.engine.quantize import quantize_llm
@@ -21,9 +20,8 @@ def _prefix(setup, batch):
 
 
 def _decoders(setup):
-    ref_llm = setup.reference.model.caption_decoder.llm
-    return {"reference": setup.reference_decoder, "fast": setup.fast_decoder,
-            "int8_dynamic": StaticDecoder(quantize_llm(copy.deepcopy(ref_llm), "int8_dynamic"))}
+    int8 = quantize_llm(variant_llm(setup, setup.reference.model.caption_decoder.llm.dtype), "int8_dynamic")
+    return {"reference": setup.reference_decoder, "fast": setup.fast_decoder, "int8_dynamic": StaticDecoder(int8)}
 
 
 @pytest.mark.parametrize("batch", [1, 8])

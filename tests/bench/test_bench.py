@@ -119,6 +119,21 @@ def test_suites_on_tiny(tiny_setup):
     assert all(r.extra["token_match"] == 1.0 for r in rows if r.metric == "captions/s")
 
 
+def test_decode_variants_run_as_the_fast_path_does(tiny_setup):
+    """Extra decode rows copy the reference's LLM, which runs eager attention: each is set up
+    as the fast path's LLM (its attention, fused projections), not as the reference's."""
+    from vlv_engine.bench.decode import variant_decoders
+    from vlv_engine.engine.decode_attention import NAME
+    from vlv_engine.engine.fused_projections import ProjectionSlice
+
+    assert tiny_setup.reference_decoder.llm.config._attn_implementation == "eager"
+    decoders = variant_decoders(tiny_setup, ["none", "int8_dynamic"], torch.float32, compile=False)
+    assert len(decoders) == 2  # "none" is the fast path itself here
+    for decoder in decoders.values():
+        assert decoder.llm.config._attn_implementation == NAME
+        assert isinstance(decoder.llm.model.layers[0].mlp.up_proj, ProjectionSlice)
+
+
 def test_cli_bench_nano_decode(tmp_path, capsys):
     from vlv_engine.cli import main
 

@@ -24,6 +24,14 @@ from vlv_engine.engine.quantize import EAGER_ONLY_SCHEMES, decode_weight_bytes, 
 INDUCTOR_GRAPHS = "inductor_graphs"  # a decode row, not a scheme: the fast LLM under inductor's CUDA graphs
 
 
+def variant_llm(setup: BenchSetup, dtype: torch.dtype):
+    """A copy of the reference's LLM (its fp32 weights) set up as the fast path's is: the
+    fast path's attention (the reference runs "eager"), fused projections, in `dtype`."""
+    llm = copy.deepcopy(setup.reference.model.caption_decoder.llm).to(dtype=dtype)
+    llm.set_attn_implementation(setup.fast_decoder.llm.config._attn_implementation)
+    return prepare_llm(llm)
+
+
 def variant_decoders(setup: BenchSetup, schemes: list[str], dtype: torch.dtype, compile: bool) -> dict:
     """label -> decoder: the fast path's own, plus one per extra scheme ("none": unquantized
     in `dtype`), each a copy of the reference LLM (measured at the smallest batch only).
@@ -39,8 +47,7 @@ def variant_decoders(setup: BenchSetup, schemes: list[str], dtype: torch.dtype, 
             out[f"fast, inductor CUDA graphs ({setup.notes['quantize']})"] = StaticDecoder(
                 setup.fast_decoder.llm, compile=True, cuda_graphs=False)
             continue
-        llm = copy.deepcopy(setup.reference.model.caption_decoder.llm).to(dtype=dtype)
-        prepare_llm(llm)  # as the engine's fast path does
+        llm = variant_llm(setup, dtype)
         if scheme != "none":
             quantize_llm(llm, scheme, device=setup.device)
         out[f"{scheme} ({str(llm.dtype).replace('torch.', '')})"] = StaticDecoder(
@@ -65,22 +72,26 @@ def _step_seconds(decoder, prefix: torch.Tensor, n1: int, n2: int, eos: int, rep
     return max(t2 - t1, 1e-9) / (n2 - n1), outs[n2]
 
 
-def _kernel_ms_per_step(decoder, prefix: torch.Tensor, n1: int, n2: int, eos: int) -> float | None:
-    """GPU kernel time per step (CUDA): the profiler's summed kernel time of an n2-token call
-    minus an n1-token one, over n2 - n1. Beside the measured step time it says whether a step
-    waits on the GPU (kernel time ~ step time) or on the host (kernel time well below it)."""
+def _gpu_work_per_step(decoder, prefix: torch.Tensor, n1: int, n2: int, eos: int) -> tuple[float | None, float]:
+    """(GPU kernel ms, GPU operations) per step (CUDA), from the profiler: an n2-token call
+    minus an n1-token one, over n2 - n1. Beside the measured step time the kernel time says
+    whether a step waits on the GPU (kernel time ~ step time) or on the host (well below
+    it); the operation count (kernels, copies, fills) is what each step launches, a few
+    microseconds each even inside a CUDA graph."""
     from torch.profiler import ProfilerActivity, profile
 
-    totals = []
+    totals, counts = [], []
     for n in (n1, n2):
         gen = GenerationConfig(max_new_tokens=n, num_beams=1)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             decoder.generate(prefix, gen, eos_token_id=eos, pad_token_id=0)
             torch.cuda.synchronize()
-        totals.append(sum(e.self_device_time_total for e in prof.key_averages()) / 1e3)  # ms
+        on_gpu = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+        totals.append(sum(e.self_device_time_total for e in on_gpu) / 1e3)  # ms
+        counts.append(sum(e.count for e in on_gpu))
     per_step = (totals[1] - totals[0]) / (n2 - n1)
-    return round(per_step, 3) if per_step > 0 else None
+    return (round(per_step, 3) if per_step > 0 else None), round((counts[1] - counts[0]) / (n2 - n1), 1)
 
 
 def run_decode(setup: BenchSetup, batches: list[int], *, repeats: int, bandwidth: float,
@@ -115,8 +126,8 @@ def run_decode(setup: BenchSetup, batches: list[int], *, repeats: int, bandwidth
                 extra["cuda_graph"] = f"capture failed: {failures[0]}" if failures else "captured"
             if setup.device.type == "cuda":
                 try:
-                    extra["gpu_kernel_ms"] = _kernel_ms_per_step(decoder, prefix.to(decoder.llm.dtype), n1, n2,
-                                                                 setup.never_eos)
+                    extra["gpu_kernel_ms"], extra["gpu_ops"] = _gpu_work_per_step(
+                        decoder, prefix.to(decoder.llm.dtype), n1, n2, setup.never_eos)
                 except Exception as err:  # a diagnostic only: the profiler may not see into CUDA graphs
                     extra["gpu_kernel_ms"] = f"unavailable ({type(err).__name__})"
             rows.append(Row("decode", "ms/token", "ms", batch, fast_s * 1e3, ref_s * 1e3, "lower", extra))

@@ -25,6 +25,11 @@ does it in the gpt-fast way, with transformers' own model forward:
    in the loop. The host counts tokens and reads the "still running?" flag every few
    tokens (`stop_check_interval`).
 
+The engine runs these decoders on a prepared LLM (`prepare_llm`): q/k/v and gate/up as
+one product each, and one-token attention on the grouped key/value heads. A 36-layer
+Qwen2 token step then launches 9 operations per layer instead of 14 (inductor's code on
+our CPU: 327 per token instead of 507).
+
 Output convention (that of `generation.generate_reference`): [B, T] new tokens only,
 T the longest caption of the batch (EOS included), positions after a row's EOS hold
 `pad_token_id` (EOS when there is no pad id). HF's beam search fills them with EOS
