@@ -84,12 +84,12 @@ def test_captions_follow_the_embedding(reference_path, eager, images):
 def test_encoder_batch_size_splits_a_batch_without_changing_embeddings():
     import torch
 
-    from vlv_engine.engine.engine import CPU_ENCODER_PIXELS
+    from vlv_engine.engine.engine import ENCODER_PIXELS
     from vlv_engine.testing import tiny_engine
 
     whole = tiny_engine(with_diffusion=False)
     size = whole.config.encoder.image_size
-    assert whole.encoder_batch_size == min(whole.batch_size, CPU_ENCODER_PIXELS // (size * size))
+    assert whole.encoder_batch_size == min(whole.batch_size, ENCODER_PIXELS // (size * size))
     split = tiny_engine(with_diffusion=False, encoder_batch_size=2)
     assert split.encoder_batch_size == 2
     calls = []

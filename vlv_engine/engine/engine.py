@@ -22,14 +22,15 @@ from vlv_engine.engine.decode import DECODERS, make_decoder, prepare_llm
 from vlv_engine.engine.encoder_path import build_encoder_path
 from vlv_engine.engine.encoder_quant import check_encoder_scheme, quantize_encoder
 from vlv_engine.engine.encoder_select import select_encoder_backend
+from vlv_engine.engine.inplace_activations import inplace_mlp_activations
 from vlv_engine.engine.postprocess import official_postprocess
 from vlv_engine.engine.quantize import EAGER_ONLY_SCHEMES, check_scheme, quantize_llm
 from vlv_engine.engine.results import ItemResult
 from vlv_engine.models import VLVModel
 
 DEFAULT_BATCH_SIZE = 8
-# The most pixels per encoder forward on a CPU by default (see Engine.__init__).
-CPU_ENCODER_PIXELS = 2 * 768 * 768
+# The most pixels per encoder forward by default (see Engine.__init__).
+ENCODER_PIXELS = 2 * 768 * 768
 
 
 def default_model_path() -> Path:
@@ -70,14 +71,16 @@ class Engine:
         self.device = torch.device(device)
         # encoder_batch_size: the most images per encoder forward (a caption batch is split
         # into such chunks; in eager an image's embedding does not depend on its chunk).
-        # The encoder's activations grow with pixels, so on a CPU the default holds a
-        # forward to CPU_ENCODER_PIXELS (two 768 px images: the small preset's peak RSS at
-        # batch 8 drops by ~1.3 GB, and 2 cores are already busy at that size); the tiny
-        # nano images still go in whole batches. CUDA: the whole batch.
+        # The encoder's activations grow with pixels, so by default a forward holds at most
+        # ENCODER_PIXELS (two 768 px images). On a CPU that cuts the small preset's peak
+        # RSS at batch 8 by ~1.3 GB (and 2 cores are already busy at that size). On a GPU
+        # it keeps the paper model's encoder to ~0.4 GB of activations (1.5 GB for 8 images,
+        # counted on the meta device), so the bf16 caption path at batch 8 fits in 10 GB
+        # beside its 8.4 GB of weights; a large GPU recaptioning at volume can raise it.
+        # The tiny nano images still go in whole batches.
         if encoder_batch_size is None:
             size = model.config.encoder.image_size
-            encoder_batch_size = (max(1, CPU_ENCODER_PIXELS // (size * size)) if self.device.type == "cpu"
-                                  else batch_size)
+            encoder_batch_size = max(1, ENCODER_PIXELS // (size * size))
         if encoder_batch_size < 1:
             raise ValueError(f"encoder_batch_size must be >= 1, got {encoder_batch_size}")
         self.encoder_batch_size = min(encoder_batch_size, batch_size)
@@ -90,6 +93,8 @@ class Engine:
         for module, want in parts:
             if module is not None:
                 _place(module, self.device, want)
+        if self.model.encoder is not None:
+            inplace_mlp_activations(self.model.encoder)  # fc1 -> GELU in place: the encoder's largest buffer
         if decoder != "reference" and self.model.caption_decoder is not None:
             prepare_llm(self.model.caption_decoder.llm)  # "reference" keeps HF's model as it is
         if quantize is not None and self.model.caption_decoder is not None:
