@@ -264,7 +264,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         quantize=args.quantize, encoder_quantize=args.encoder_quantize,
                         decode_schemes=tuple(args.decode_schemes),
                         compile_decoder=not args.no_compile, encoder_backend=args.encoder_backend,
-                        unet_backend=args.unet_backend,
+                        encoder_batch_size=args.encoder_batch_size, unet_backend=args.unet_backend,
                         new_tokens=args.new_tokens, num_beams=args.num_beams, repeats=args.repeats,
                         latency_repeats=args.latency_repeats, threads=args.threads, memory_batch=args.memory_batch,
                         time_limit_s=args.time_limit)
@@ -449,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'inductor_graphs' (CUDA: the fast LLM under inductor's CUDA graphs, not captured steps)")
     p.add_argument("--no-compile", action="store_true", help="eager decode step (no torch.compile)")
     p.add_argument("--encoder-backend", default="auto", help="the fast path's encoder backend")
+    p.add_argument("--encoder-batch-size", type=int,
+                   help="the fast engine's images per encoder forward (default: the engine's, two 768 px images; "
+                        "the memory suite always runs the default)")
     p.add_argument("--unet-backend", default="auto", choices=["auto", "onnx", "tensorrt", "compile"],
                    help="the unet suite's fast backend (default: auto: tensorrt, else compile, on CUDA; onnx on a CPU)")
     p.add_argument("--new-tokens", type=int, help="fixed caption length (EOS suppressed in both pipelines)")

@@ -163,3 +163,10 @@ def test_paper_preset_needs_a_gpu():
 
     with pytest.raises(ValueError, match="GPU only"):
         build_setup("paper", device="cpu")
+
+
+def test_encoder_batch_size_reaches_the_fast_engine():
+    from vlv_engine.bench.pipelines import build_setup
+
+    setup = build_setup("tiny", compile_decoder=False, encoder_backend="eager", encoder_batch_size=1)
+    assert setup.fast.encoder_batch_size == 1 and setup.notes["encoder_batch_size"] == 1

@@ -61,13 +61,14 @@ def current_rss() -> int:
 
 class PeakMemory:
     """Peak memory over a block: RSS sampled every `interval` s on a thread (CPU), and
-    `torch.cuda.max_memory_allocated` (CUDA)."""
+    `torch.cuda.max_memory_allocated` and `max_memory_reserved` (CUDA)."""
 
     def __init__(self, device: torch.device, interval: float = 0.005):
         self.device = torch.device(device)
         self.interval = interval
         self.peak_rss = 0
         self.peak_cuda = 0
+        self.peak_cuda_reserved = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -92,3 +93,4 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_cuda = torch.cuda.max_memory_allocated(self.device)
+            self.peak_cuda_reserved = torch.cuda.max_memory_reserved(self.device)

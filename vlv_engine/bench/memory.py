@@ -53,7 +53,8 @@ def probe(args: argparse.Namespace) -> dict:
     pixels = random_pixels(engine, args.batch)
     with PeakMemory(device) as mem:
         caption_tokens(engine, decoder, pixels, gen, eos)
-    return {"loaded_rss": loaded_rss, "peak_rss": mem.peak_rss, "peak_cuda": mem.peak_cuda}
+    return {"loaded_rss": loaded_rss, "peak_rss": mem.peak_rss, "peak_cuda": mem.peak_cuda,
+            "peak_cuda_reserved": mem.peak_cuda_reserved}
 
 
 def run_memory(*, preset: str, device: torch.device, batch: int, dtype: torch.dtype, quantize: str | None,
@@ -80,7 +81,10 @@ def run_memory(*, preset: str, device: torch.device, batch: int, dtype: torch.dt
                 "lower", extra)]
     if device.type == "cuda":
         rows.append(Row("memory", "max allocated captioning", "GB", batch, f["peak_cuda"] / 2**30,
-                        r["peak_cuda"] / 2**30, "lower"))
+                        r["peak_cuda"] / 2**30, "lower",
+                        # What the allocator holds (graph pools, cached blocks): what a smaller GPU must fit.
+                        {"max_reserved_GB": round(f["peak_cuda_reserved"] / 2**30, 2),
+                         "ref_max_reserved_GB": round(r["peak_cuda_reserved"] / 2**30, 2)}))
     return rows
 
 

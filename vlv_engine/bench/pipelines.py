@@ -122,7 +122,8 @@ PRESET_DEFAULTS = {
 def build_setup(preset: str, *, device: str | torch.device = "cpu", fast_dtype: torch.dtype | None = None,
                 quantize: str | None = None, compile_decoder: bool = True, new_tokens: int | None = None,
                 num_beams: int | None = None, encoder_backend: str = "auto", with_diffusion: bool = False,
-                seed: int = 0, encoder_quantize: str | None = None) -> BenchSetup:
+                seed: int = 0, encoder_quantize: str | None = None,
+                encoder_batch_size: int | None = None) -> BenchSetup:
     from vlv_engine.engine.engine import Engine
 
     device = torch.device(device)
@@ -145,9 +146,11 @@ def build_setup(preset: str, *, device: str | torch.device = "cpu", fast_dtype: 
     reference = Engine(eager_attention(copy.deepcopy(model)), device=device, dtype=torch.float32,
                        decoder="reference", **ref_kwargs)
     fast = Engine(model, device=device, dtype=fast_dtype, decoder="compiled" if compile_decoder else "static",
-                  quantize=quantize, **enc_kwargs, **({"encoder_quantize": encoder_quantize} if encoder_quantize else {}))
+                  quantize=quantize, encoder_batch_size=encoder_batch_size, **enc_kwargs,
+                  **({"encoder_quantize": encoder_quantize} if encoder_quantize else {}))
     if enc_kwargs:
         notes["encoder_backend"] = fast.encoder_backend.name
+    notes["encoder_batch_size"] = fast.encoder_batch_size
     fast_llm, ref_llm = fast.model.caption_decoder.llm, reference.model.caption_decoder.llm
     return BenchSetup(preset=preset, device=device, fast=fast, reference=reference,
                       fast_decoder=make_decoder(fast.decoder, fast_llm),

@@ -28,6 +28,7 @@ class BenchOptions:
     decode_schemes: tuple[str, ...] = ()  # more decode rows: "none" (unquantized in the fast dtype) or schemes
     compile_decoder: bool = True
     encoder_backend: str = "auto"
+    encoder_batch_size: int | None = None  # the fast engine's images per encoder forward (None: its default)
     unet_backend: str = "auto"
     new_tokens: int | None = None
     num_beams: int | None = None
@@ -91,7 +92,8 @@ def run_bench(opts: BenchOptions, log=lambda msg: None) -> BenchResult:
         setup = build_setup(opts.preset, device=device, fast_dtype=fast_dtype, quantize=opts.quantize,
                             encoder_quantize=opts.encoder_quantize,
                             compile_decoder=opts.compile_decoder, new_tokens=opts.new_tokens,
-                            num_beams=opts.num_beams, encoder_backend=opts.encoder_backend, seed=opts.seed)
+                            num_beams=opts.num_beams, encoder_backend=opts.encoder_backend, seed=opts.seed,
+                            encoder_batch_size=opts.encoder_batch_size)
         setup_info = setup.describe()
     for suite in opts.suites:
         if over_time():
