@@ -26,3 +26,26 @@ def pad_after_eos(ids: torch.Tensor, eos: int = EOS, pad: int = PAD) -> torch.Te
 def first_eos(ids: torch.Tensor, eos: int = EOS) -> list:
     """Index of each row's first EOS (None when the row has none)."""
     return [int((r == eos).nonzero()[0]) if (r == eos).any() else None for r in ids]
+
+
+def traced_decode_step(llm, reference):
+    """One decode step of `llm` under dynamo (fullgraph) with a backend that keeps the FX graph,
+    beside the eager step of `reference`: (graphs, compiled logits, reference logits)."""
+    from vlv_engine.engine.decode import StaticDecoder, decode_step
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        step = torch.compile(decode_step, backend=backend, fullgraph=True, dynamic=False)
+        ids, pos = torch.tensor([[5], [7]]), torch.tensor([3])
+        with torch.no_grad():
+            got = step(llm, StaticDecoder(llm).cache(2, 16), ids, pos)
+            want = decode_step(reference, StaticDecoder(reference).cache(2, 16), ids, pos)
+    finally:
+        torch._dynamo.reset()
+    return graphs, got, want

@@ -7,11 +7,11 @@ import copy
 
 import pytest
 import torch
-from decode_helpers import EOS, PAD
+from decode_helpers import EOS, PAD, traced_decode_step
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 from vlv_engine.config import GenerationConfig
-from vlv_engine.engine.decode import StaticDecoder, decode_step, prepare_llm
+from vlv_engine.engine.decode import StaticDecoder, prepare_llm
 from vlv_engine.engine.decode_attention import NAME, decode_sdpa, use_decode_attention
 from vlv_engine.engine.generation import generate_reference
 
@@ -97,21 +97,7 @@ def test_compiled_step_attends_on_the_unrepeated_cache(llm):
     prepared = prepare_llm(copy.deepcopy(llm))
     heads, kv = llm.config.num_attention_heads, llm.config.num_key_value_heads
     assert heads > kv  # the tiny model has grouped heads
-    decoder = StaticDecoder(prepared)
-    cache = decoder.cache(2, 16)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    step = torch.compile(decode_step, backend=backend, fullgraph=True, dynamic=False)
-    ids, pos = torch.tensor([[5], [7]]), torch.tensor([3])
-    with torch.no_grad():
-        got = step(prepared, cache, ids, pos)
-        want = decode_step(llm, StaticDecoder(llm).cache(2, 16), ids, pos)
-    torch._dynamo.reset()
+    graphs, got, want = traced_decode_step(prepared, llm)
     assert rel_err(got, want) < 1e-6
     calls = [n for n in graphs[0].graph.nodes
              if n.op == "call_function" and n.target is torch._C._nn.scaled_dot_product_attention]

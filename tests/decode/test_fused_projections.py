@@ -5,9 +5,8 @@ Bound: fp32 logits of the fused model equal the unfused model's to a relative er
 
 import copy
 
-import pytest
 import torch
-from decode_helpers import EOS, PAD
+from decode_helpers import EOS, PAD, traced_decode_step
 
 from vlv_engine.config import GenerationConfig
 from vlv_engine.engine.decode import StaticDecoder
@@ -132,30 +131,13 @@ def test_fused_llm_saves_and_loads_as_the_hf_model(llm, tmp_path):
 def test_compiled_token_step_traces_one_product_per_group(llm):
     """Dynamo traces the fused members' keep/take logic into one graph (fullgraph) holding
     4 products per layer (+ the lm_head), not 7: the fusion survives compilation."""
-    from vlv_engine.engine.decode import decode_step
-
     fused = copy.deepcopy(llm)
     fuse_projections(fused)
-    decoder = StaticDecoder(fused)
-    cache = decoder.cache(2, 16)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    step = torch.compile(decode_step, backend=backend, fullgraph=True, dynamic=False)
-    ids, pos = torch.tensor([[5], [7]]), torch.tensor([3])
-    with torch.no_grad():
-        got = step(fused, cache, ids, pos)
-        cache.reset()
-        want = decode_step(llm, StaticDecoder(llm).cache(2, 16), ids, pos)
+    graphs, got, want = traced_decode_step(fused, llm)
     assert rel_err(got, want) < 1e-6
     assert len(graphs) == 1
     linears = [n for n in graphs[0].graph.nodes if n.op == "call_function" and n.target is torch._C._nn.linear]
     assert len(linears) == 4 * llm.config.num_hidden_layers + 1
-    torch._dynamo.reset()
 
 
 def test_engine_fuses_for_its_own_decoders_only(tiny):
