@@ -12,7 +12,7 @@ import torch
 from quant_helpers import LENGTH, plain_quantized_linear, sqnr_db
 
 from vlv_engine.config import GenerationConfig
-from vlv_engine.engine.decode import StaticDecoder
+from vlv_engine.engine.decode import StaticDecoder, prepare_llm
 from vlv_engine.engine.quantize import SCHEMES, _torchao_config, quantize_llm
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -76,10 +76,10 @@ def test_cuda_linear_matches_plain_reference(scheme):
 
 @pytest.mark.parametrize("scheme", ["none", *_params()])
 def test_cuda_graph_decode_matches_eager(trained, scheme):
-    """The compiled step (fullgraph, reduce-overhead = CUDA graphs) on the bf16 or quantized
-    model gives the eager model's tokens."""
+    """The compiled, captured step on the bf16 or quantized model, prepared as the engine
+    prepares it (fused projections, grouped-head attention), gives the eager model's tokens."""
     llm, prefixes, _ = trained
-    q = copy.deepcopy(llm).cuda()
+    q = prepare_llm(copy.deepcopy(llm).cuda())
     q = q.to(torch.bfloat16) if scheme == "none" else quantize_llm(q, scheme)
     prefixes = prefixes[:8].cuda()
     gen = GenerationConfig(max_new_tokens=LENGTH, num_beams=1)
