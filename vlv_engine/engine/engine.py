@@ -23,6 +23,7 @@ from vlv_engine.engine.encoder_path import build_encoder_path
 from vlv_engine.engine.encoder_quant import check_encoder_scheme, quantize_encoder
 from vlv_engine.engine.encoder_select import select_encoder_backend
 from vlv_engine.engine.inplace_activations import inplace_mlp_activations
+from vlv_engine.engine.vision_attention import use_vision_attention
 from vlv_engine.engine.postprocess import official_postprocess
 from vlv_engine.engine.quantize import EAGER_ONLY_SCHEMES, check_scheme, quantize_llm
 from vlv_engine.engine.results import ItemResult
@@ -95,6 +96,7 @@ class Engine:
                 _place(module, self.device, want)
         if self.model.encoder is not None:
             inplace_mlp_activations(self.model.encoder)  # fc1 -> GELU in place: the encoder's largest buffer
+            use_vision_attention(self.model.encoder)  # DaViT's channel attention as two products
         if decoder != "reference" and self.model.caption_decoder is not None:
             prepare_llm(self.model.caption_decoder.llm)  # "reference" keeps HF's model as it is
         if quantize is not None and self.model.caption_decoder is not None:
