@@ -23,10 +23,10 @@ from vlv_engine.engine.encoder_path import build_encoder_path
 from vlv_engine.engine.encoder_quant import check_encoder_scheme, quantize_encoder
 from vlv_engine.engine.encoder_select import select_encoder_backend
 from vlv_engine.engine.inplace_activations import inplace_mlp_activations
-from vlv_engine.engine.vision_attention import use_vision_attention
 from vlv_engine.engine.postprocess import official_postprocess
 from vlv_engine.engine.quantize import EAGER_ONLY_SCHEMES, check_scheme, quantize_llm
 from vlv_engine.engine.results import ItemResult
+from vlv_engine.engine.vision_attention import use_vision_attention
 from vlv_engine.models import VLVModel
 
 DEFAULT_BATCH_SIZE = 8
