@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -84,6 +85,24 @@ def kernel(jit_fn: Any) -> Any:
         triton = _triton()
         _flavours[key] = InterpretedFunction(jit_fn.fn) if want else triton.jit(jit_fn.fn)
     return _flavours[key]
+
+
+@dataclass
+class Launch:
+    """One kernel launch, planned but not run: the @triton.jit kernel, its grid, its
+    arguments and its meta-parameters (constexprs, num_warps, num_stages).
+
+    The launchers plan with the same function they run from, so what
+    `vlv_engine.testing.triton_aot` compiles ahead of time for a GPU is exactly what a
+    GPU would be given."""
+
+    fn: Any  # the @triton.jit kernel as its module defines it
+    grid: tuple[int, ...]
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+    def run(self) -> None:
+        kernel(self.fn)[self.grid](*self.args, **self.kwargs)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

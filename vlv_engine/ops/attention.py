@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from vlv_engine.ops import reference
-from vlv_engine.ops._runtime import backend_for, dot_precision, kernel, next_pow2, upcast_in_kernel
+from vlv_engine.ops._runtime import Launch, backend_for, dot_precision, next_pow2, upcast_in_kernel
 
 LOG2E = 1.4426950408889634
 MAX_TRITON_HEAD_DIM = 256
@@ -36,31 +36,40 @@ def _use_triton(q: Tensor, k: Tensor, v: Tensor) -> bool:
             and v.shape[-1] == q.shape[-1] <= MAX_TRITON_HEAD_DIM and k.shape[2] > 0)
 
 
-def attention_triton(q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False,
-                     scale: Optional[float] = None) -> Tensor:
-    """Launch the Triton kernel; the output is a contiguous [B, H, Lq, D]."""
+def attention_launch(q: Tensor, k: Tensor, v: Tensor, o: Tensor, is_causal: bool = False,
+                     scale: Optional[float] = None) -> Launch:
+    """The kernel launch that writes attention(q, k, v) into o [B, H, Lq, D]."""
     from vlv_engine.ops.triton.attention import attention_fwd_kernel
 
-    _check(q, k, v)
     b, h, lq, d = q.shape
     lk = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    o = q.new_empty((b, h, lq, d))
-    if o.numel() == 0:
-        return o
     block_d = max(16, next_pow2(d))
     block_m = 16 if lq <= 16 else 32 if lq <= 32 else 64
     block_n = 64 if block_d <= 64 else 32  # keeps K, V blocks + accumulator in registers at D = 128..256
-    grid = ((lq + block_m - 1) // block_m, b * h)
-    kernel(attention_fwd_kernel)[grid](
+    if block_d > 128 and q.element_size() == 4:
+        # fp32 at D = 256: 64 x 32 tiles need 136 KB of shared memory, over the 99 KB of an
+        # sm_86 / sm_89 (consumer) GPU; 32 x 16 need 66 KB (tests/ops/test_triton_aot.py).
+        block_m, block_n = min(block_m, 32), 16
+    return Launch(attention_fwd_kernel, ((lq + block_m - 1) // block_m, b * h), (
         q, k, v, o,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         h, lq, lk, d,
         scale * LOG2E,
+    ), dict(
         IS_CAUSAL=is_causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         UPCAST=upcast_in_kernel(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4 if block_d <= 64 else 8, num_stages=2,
-    )
+    ))
+
+
+def attention_triton(q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False,
+                     scale: Optional[float] = None) -> Tensor:
+    """Launch the Triton kernel; the output is a contiguous [B, H, Lq, D]."""
+    _check(q, k, v)
+    o = q.new_empty(q.shape)
+    if o.numel():
+        attention_launch(q, k, v, o, is_causal, scale).run()
     return o
 
 

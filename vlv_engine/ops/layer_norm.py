@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from vlv_engine.ops import reference
-from vlv_engine.ops._runtime import backend_for, kernel, next_pow2, rows
+from vlv_engine.ops._runtime import Launch, backend_for, next_pow2, rows
 
 # One row per program in registers; wider rows would spill (see the kernel's header).
 MAX_TRITON_HIDDEN = 16384
@@ -39,32 +39,40 @@ def _use_triton(x: Tensor, *others: Optional[Tensor]) -> bool:
             and 0 < x.shape[-1] <= MAX_TRITON_HIDDEN)
 
 
-def layer_norm_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                      residual: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """Launch the Triton kernel: (LN(x [+ residual]), x + residual or None); outputs contiguous."""
+def layer_norm_launch(x2: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, y2: Tensor,
+                      residual2: Optional[Tensor] = None, s2: Optional[Tensor] = None) -> Launch:
+    """The kernel launch for rows [M, N] (unit stride along N): y2 = LN(x2 [+ residual2]),
+    and s2 = x2 + residual2 with a residual."""
     from vlv_engine.ops.triton.layer_norm import layer_norm_fwd_kernel
 
-    _check(x, weight, bias, residual)
-    n = x.shape[-1]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    s = torch.empty_like(y) if residual is not None else None
-    if x.numel() == 0:
-        return y, s
-    x2 = rows(x)  # [M, N]
-    r2 = rows(residual) if residual is not None else x2
-    y2 = y.view(-1, n)
-    s2 = s.view(-1, n) if s is not None else y2
+    n = x2.shape[-1]
+    r2 = residual2 if residual2 is not None else x2  # unused pointers: any valid tensor
+    s2 = s2 if s2 is not None else y2
     block = next_pow2(n)
-    kernel(layer_norm_fwd_kernel)[(x2.shape[0],)](
+    return Launch(layer_norm_fwd_kernel, (x2.shape[0],), (
         x2, r2,
         weight.contiguous() if weight is not None else x2,
         bias.contiguous() if bias is not None else x2,
         y2, s2,
         x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0),
         n, eps,
-        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+    ), dict(
+        HAS_RESIDUAL=residual2 is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BLOCK_N=block, num_warps=min(max(block // 256, 1), 8),
-    )
+    ))
+
+
+def layer_norm_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                      residual: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Launch the Triton kernel: (LN(x [+ residual]), x + residual or None); outputs contiguous."""
+    _check(x, weight, bias, residual)
+    n = x.shape[-1]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    s = torch.empty_like(y) if residual is not None else None
+    if x.numel() == 0:
+        return y, s
+    layer_norm_launch(rows(x), weight, bias, eps, y.view(-1, n), rows(residual) if residual is not None else None,
+                      s.view(-1, n) if s is not None else None).run()
     return y, s
 
 

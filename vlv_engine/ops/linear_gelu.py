@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from vlv_engine.ops import reference
-from vlv_engine.ops._runtime import backend_for, dot_precision, kernel, rows, upcast_in_kernel
+from vlv_engine.ops._runtime import Launch, backend_for, dot_precision, rows, upcast_in_kernel
 
 _GELU_APPROXIMATIONS = ("none", "tanh", "quick")
 _ACT_CODE = {"none": 0, "tanh": 1, "quick": 2}  # the kernel's ACT
@@ -43,29 +43,33 @@ def _blocks(m: int, n: int, dtype: torch.dtype) -> tuple[int, int, int]:
     return block_m, block_n, block_k
 
 
-def linear_gelu_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str = "none") -> Tensor:
-    """Launch the Triton kernel; the output is contiguous [..., out_features]."""
+def linear_gelu_launch(x2: Tensor, weight: Tensor, bias: Optional[Tensor], y2: Tensor,
+                       approximate: str = "none") -> Launch:
+    """The kernel launch that writes GELU(x2 @ weight^T + bias) into y2 [M, N] (x2: [M, K])."""
     from vlv_engine.ops.triton.linear_gelu import linear_gelu_fwd_kernel
 
-    _check(x, weight, bias, approximate)
     n, k = weight.shape
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    if y.numel() == 0:
-        return y
-    x2 = rows(x)  # [M, K]
-    y2 = y.view(-1, n)  # [M, N]
     m = x2.shape[0]
-    block_m, block_n, block_k = _blocks(m, n, x.dtype)
-    grid = (((m + block_m - 1) // block_m) * ((n + block_n - 1) // block_n),)
-    kernel(linear_gelu_fwd_kernel)[grid](
+    block_m, block_n, block_k = _blocks(m, n, x2.dtype)
+    return Launch(linear_gelu_fwd_kernel, (((m + block_m - 1) // block_m) * ((n + block_n - 1) // block_n),), (
         x2, weight, bias.contiguous() if bias is not None else weight, y2,  # the kernel reads bias with unit stride
         m, n, k,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y2.stride(0), y2.stride(1),
+    ), dict(
         HAS_BIAS=bias is not None, ACT=_ACT_CODE[approximate],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-        UPCAST=upcast_in_kernel(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
+        UPCAST=upcast_in_kernel(x2.dtype), DOT_PRECISION=dot_precision(x2.dtype),
         num_warps=4, num_stages=3,
-    )
+    ))
+
+
+def linear_gelu_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str = "none") -> Tensor:
+    """Launch the Triton kernel; the output is contiguous [..., out_features]."""
+    _check(x, weight, bias, approximate)
+    n = weight.shape[0]
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    if y.numel():
+        linear_gelu_launch(rows(x), weight, bias, y.view(-1, n), approximate).run()
     return y
 
 
