@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a CUDA machine (an H100 or H200; nothing can be downloaded there):
 #   bash benchmarks/gpu_check.sh [--out DIR] [--steps LIST] [--deadline S] [--test-paths "DIRS"]
-#                                [--no-build] [--wheels DIR] [--dry-run]
+#                                [--no-build] [--wheels DIR] [--skip-done] [--dry-run]
 # Steps (--steps, comma-separated, in this order; default: all of them):
 #   tests    the GPU-only tests with Triton compiled for real (TRITON_INTERPRET unset): every
 #            test whose id names cuda (compiled Triton kernels, CUDA graphs of the encoder
@@ -31,8 +31,10 @@
 # Time: the steps' limits add up to ~23 minutes; the whole check ends within --deadline S
 # seconds (default 1140: under 20 minutes). Each step gets what is left, in the order above
 # (most wanted first), and a step that would get under 40 s is skipped and says so. A
-# 15-minute lease (~1 minute to start) fits `--deadline 780`; one 10-minute command fits
-# `--deadline 570`.
+# 15-minute lease (~1 minute to start) fits ~780 s of checks, but one command may run 10
+# minutes: run `--deadline 560 --skip-done` twice. --skip-done skips the steps that
+# finished in an earlier run into the same --out (each writes OUT/STEP.done), so the
+# second run goes on where the first stopped; the summary covers both.
 # --dry-run runs the same steps on the CPU with the nano preset (the CUDA tests skip):
 # a check of this script, not of the GPU.
 set -uo pipefail
@@ -44,6 +46,7 @@ DEADLINE=1140  # 19 minutes: the whole check stays under 20 by default
 WHEELS=".whl"
 TEST_PATHS="tests"
 BUILD_NATIVE=1
+SKIP_DONE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
@@ -52,8 +55,9 @@ while [ $# -gt 0 ]; do
     --deadline) DEADLINE="$2"; shift 2 ;;
     --test-paths) TEST_PATHS="$2"; shift 2 ;;
     --no-build) BUILD_NATIVE=0; shift ;;
+    --skip-done) SKIP_DONE=1; shift ;;
     --dry-run) DRY=1; shift ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (use --out DIR, --steps LIST, --deadline S, --wheels DIR, --dry-run)" >&2; exit 2 ;;
   esac
 done
@@ -128,6 +132,10 @@ PY
 date -u +"gpu_check: started %Y-%m-%d %H:%M UTC" | tee -a "$OUT/machine.txt"
 
 declare -A RC
+done_before() {  # done_before NAME: with --skip-done, whether NAME finished in an earlier run into $OUT
+  [ "$SKIP_DONE" = 1 ] && [ -f "$OUT/$1.done" ] || return 1
+  echo "== $1: done in an earlier run (--skip-done; $OUT/$1.done)"; RC[$1]=done
+}
 fit() {  # fit LIMIT -> the step's limit within the deadline (0: skip it)
   local limit="$1" left
   [ "$DEADLINE" -gt 0 ] || { echo "$limit"; return; }
@@ -138,18 +146,26 @@ fit() {  # fit LIMIT -> the step's limit within the deadline (0: skip it)
 bench() {  # bench NAME LIMIT ARGS...: one `vlv bench` run, its table on stdout, its JSON under $OUT/NAME
   local name="$1" limit; limit=$(fit "$2"); shift 2
   local t0=$SECONDS
+  done_before "$name" && return
+  rm -f "$OUT/$name.done"
   if [ "$limit" = 0 ]; then echo "== $name: skipped (deadline of ${DEADLINE}s)"; RC[$name]=skipped; return; fi
   echo "== $name: vlv bench --preset $PRESET $* (limit ${limit}s)"
   timeout "$limit" "${VLV[@]}" bench --preset "$PRESET" --device "$DEVICE" --out "$OUT/$name" \
     --time-limit $((limit * 2 / 3)) "$@" "${FAST[@]}" > "$OUT/$name.txt" 2> "$OUT/$name.err"
   RC[$name]=$?
   cat "$OUT/$name.txt"
+  # Done: exited 0 with no suite skipped for time (a suite the bench skips for its own
+  # reason, e.g. no TensorRT, stays skipped on a rerun).
+  [ "${RC[$name]}" = 0 ] && "$PY" -c "import json, sys; s = json.load(open(sys.argv[1]))['skipped']
+sys.exit(any('time limit' in why for why in s.values()))" "$OUT/$name/bench_$PRESET.json" 2>/dev/null \
+    && touch "$OUT/$name.done"
   [ "${RC[$name]}" = 0 ] || { echo "-- $name: exit ${RC[$name]} (124: time limit); last lines of its log:"; tail -n 8 "$OUT/$name.err"; }
   echo "-- $name: $((SECONDS - t0)) s"
 }
 
 L_TESTS=$(fit "$L_TESTS")
-if want tests && [ "$L_TESTS" -gt 0 ]; then
+if want tests && ! done_before tests && [ "$L_TESTS" -gt 0 ]; then
+  rm -f "$OUT/tests.done"
   echo "== tests: pytest -k cuda -m '$MARK' (limit ${L_TESTS}s)"
   t0=$SECONDS
   # A module whose optional imports (the service, Ray) are missing there must not stop the rest.
@@ -157,6 +173,7 @@ if want tests && [ "$L_TESTS" -gt 0 ]; then
   timeout "$L_TESTS" "$PY" -m pytest $TEST_PATHS -q -p no:cacheprovider -m "$MARK" -k cuda -rs \
     --continue-on-collection-errors "${PER_TEST[@]}" --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
   RC[tests]=$?
+  case "${RC[tests]}" in 0|1) touch "$OUT/tests.done" ;; esac  # finished (1: some failed), not cut off
   tail -n 30 "$OUT/gpu_tests.log"
   echo "-- tests: $((SECONDS - t0)) s"
 fi
