@@ -183,7 +183,7 @@ want e2e && bench e2e "$L_E2E" --suites e2e --e2e-batch-sizes 1 --batch-sizes 1 
   --repeats 2 --latency-repeats 2
 want encoder && bench encoder "$L_ENCODER" --suites encoder --batch-sizes $ENC --repeats 5 --encoder-batch-size 8
 # bf16 memory before the int4 caption: a 15-minute lease reaches one of them, and the bf16
-# caption path's 10 GB is the closer call (9.3 GB estimated: python -m vlv_engine.bench.memory_estimate).
+# caption path's 10 GB is the closer call (9.1 GB estimated: python -m vlv_engine.bench.memory_estimate).
 want memory && bench memory "$L_MEMORY" --suites memory --memory-batch 8 --new-tokens "$TOKENS"
 want e2e && bench e2e_int4 "$L_E2E" --suites e2e --e2e-batch-sizes 1 --batch-sizes 1 --new-tokens "$TOKENS" \
   --repeats 2 --latency-repeats 2 --quantize "$INT4"

@@ -31,6 +31,8 @@ def test_paper_caption_path_fits_its_memory_targets():
     bf16 = estimate("paper", batch=8)
     assert bf16["encoder_batch_size"] == 2
     assert bf16["peak_steady_GiB"] <= 10.0
+    # Florence-2's and CLIP's vocabulary tables stay on the host (engine.unread_tables).
+    assert bf16["host_tables_GiB"] == pytest.approx((51289 + 49408) * 1024 * 2 / 2**30)
     int4 = estimate("paper", batch=8, quantize="int4_weight_only")
     assert int4["peak_steady_GiB"] <= 6.0
     assert int4["llm_weights_GiB"] < bf16["llm_weights_GiB"] / 2

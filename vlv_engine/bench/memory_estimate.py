@@ -3,7 +3,9 @@
     python -m vlv_engine.bench.memory_estimate --preset paper --batch 8 [--quantize int4_weight_only]
 
 What it adds up, for the engine's defaults (the caption path only: no diffusion parts):
-* weights: the encoder, bottleneck and LLM parameters in the fast dtype (bf16); with
+* weights: the encoder, bottleneck and LLM parameters in the fast dtype (bf16), but for
+  the two vocabulary tables the path never reads, which the engine keeps on the host
+  (`engine.unread_tables`); with
   `int4_weight_only`, the LLM's linear layers as torchao's tinygemm layout stores them
   (4 bits per weight, the input width padded to a multiple of 1,024, a bf16 scale and
   zero per group of 128) and the untied input embedding in bf16;
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -33,6 +36,7 @@ from torch import nn
 from vlv_engine.engine.decode import DEFAULT_LENGTH_MULTIPLE, bucket_batch, prepare_llm, round_up
 from vlv_engine.engine.engine import ENCODER_PIXELS
 from vlv_engine.engine.inplace_activations import inplace_mlp_activations
+from vlv_engine.engine.unread_tables import unread_tables
 from vlv_engine.testing.memory_probe import peak_bytes
 
 INT4_GROUP = 128
@@ -48,8 +52,8 @@ def int4_linear_bytes(linear: nn.Linear) -> int:
     return n * k // 2 + (k // INT4_GROUP) * n * 2 * 2 + bias
 
 
-def _param_bytes(module: nn.Module, dtype: torch.dtype) -> int:
-    seen, total = set(), 0
+def _param_bytes(module: nn.Module, dtype: torch.dtype, skip: Iterable[int] = ()) -> int:
+    seen, total = set(skip), 0
     for p in module.parameters():
         if id(p) not in seen:
             seen.add(id(p))
@@ -89,6 +93,7 @@ def estimate(preset: str = "paper", *, batch: int = 8, beams: int | None = None,
         model = VLVModel.from_config(config, with_diffusion=False).to(dtype).eval().requires_grad_(False)
     llm = prepare_llm(model.caption_decoder.llm)
     inplace_mlp_activations(model.encoder)
+    model.encoder.freeze_prompt()
     size, nq = config.encoder.image_size, config.encoder.num_queries
     chunk = min(batch, encoder_batch_size or max(1, ENCODER_PIXELS // (size * size)))
 
@@ -115,7 +120,8 @@ def estimate(preset: str = "paper", *, batch: int = 8, beams: int | None = None,
 
     prefill_peak = peak_bytes(prefill, prefix, ignore=[*weights, *(t for layer in cache.layers
                                                                     for t in (layer.keys, layer.values))])
-    encoder_weights = sum(_param_bytes(m, dtype) for m in (model.encoder, model.bottleneck))
+    host = {id(p): p for table in unread_tables(model) for p in table.parameters()}  # tied tables once
+    encoder_weights = sum(_param_bytes(m, dtype, host) for m in (model.encoder, model.bottleneck))
     llm_weights = llm_weight_bytes(llm, dtype, quantize)
     weights_total = encoder_weights + llm_weights
     gb = 2**30
@@ -123,6 +129,7 @@ def estimate(preset: str = "paper", *, batch: int = 8, beams: int | None = None,
         "preset": preset, "batch": batch, "beams": beams, "new_tokens": new_tokens, "dtype": str(dtype),
         "quantize": quantize or "none", "encoder_batch_size": chunk,
         "encoder_weights_GiB": encoder_weights / gb, "llm_weights_GiB": llm_weights / gb,
+        "host_tables_GiB": sum(p.numel() for p in host.values()) * dtype.itemsize / gb,
         "encoder_activations_GiB": encoder_peak / gb, "kv_caches_GiB": kv / gb, "prefill_activations_GiB": prefill_peak / gb,
         # The first call encodes before the caches exist; later calls encode beside them.
         "peak_first_call_GiB": (weights_total + max(encoder_peak, kv + prefill_peak)) / gb,

@@ -121,7 +121,7 @@ class FusedEncoderPath(nn.Module):
     def query_states(self, pixel_values: Tensor) -> Tensor:
         enc = self.encoder
         image = enc.image_tokens(pixel_values)  # [B, T_img, d]
-        prompt = enc.florence.get_input_embeddings()(enc.prompt_ids).to(image.dtype)  # [T_prompt, d]
+        prompt = enc.prompt_embeddings().to(image.dtype)  # [T_prompt, d]
         tokens = torch.cat([image, prompt.unsqueeze(0).expand(image.shape[0], -1, -1)], dim=1)  # [B, T, d]
         states = self.bart_encoder(tokens)  # [B, T, d]
         queries = enc.query_embed.to(states.dtype).expand(states.shape[0], -1, -1)  # [B, Nq, d]

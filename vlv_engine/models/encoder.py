@@ -27,6 +27,7 @@ class VLVEncoder(nn.Module):
         if not config.prompt_ids:
             raise ValueError("EncoderConfig.prompt_ids is empty: the task prompt must be tokenized")
         self.register_buffer("prompt_ids", torch.tensor(config.prompt_ids, dtype=torch.long), persistent=False)
+        self.register_buffer("frozen_prompt", None, persistent=False)  # see freeze_prompt
 
     @classmethod
     def from_config(cls, config: EncoderConfig, text_hidden_size: int) -> "VLVEncoder":
@@ -45,10 +46,24 @@ class VLVEncoder(nn.Module):
         # layout keeps every image's tokens bit-identical whatever its batch.
         return self.florence.multi_modal_projector(feats.contiguous())
 
+    def prompt_embeddings(self) -> torch.Tensor:
+        """The task prompt's token embeddings [T_prompt, d_model]."""
+        if self.frozen_prompt is not None:
+            return self.frozen_prompt
+        return self.florence.get_input_embeddings()(self.prompt_ids)
+
+    @torch.no_grad()
+    def freeze_prompt(self) -> None:
+        """Keep the prompt's embeddings as they are now, for inference: the path then never
+        reads Florence-2's vocabulary table (`engine.unread_tables`). Not saved with the
+        weights, and stale once the table is trained: training never calls this."""
+        self.frozen_prompt = None
+        self.frozen_prompt = self.prompt_embeddings().detach().clone()
+
     def encoder_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Florence's BART encoder over [image tokens, prompt tokens]: [B, T_img + T_prompt, d_model]."""
         image = self.image_tokens(pixel_values)  # [B, T_img, d]
-        prompt = self.florence.get_input_embeddings()(self.prompt_ids)  # [T_prompt, d]
+        prompt = self.prompt_embeddings()  # [T_prompt, d]
         prompt = prompt.to(image.dtype).unsqueeze(0).expand(image.shape[0], -1, -1)
         # Every image has the same number of tokens and the prompt is shared, so no
         # padding and no attention mask: nothing in this path depends on the batch.
