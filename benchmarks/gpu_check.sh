@@ -58,7 +58,7 @@ while [ $# -gt 0 ]; do
     --no-build) BUILD_NATIVE=0; shift ;;
     --skip-done) SKIP_DONE=1; shift ;;
     --dry-run) DRY=1; shift ;;
-    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (use --out DIR, --steps LIST, --deadline S, --wheels DIR, --dry-run)" >&2; exit 2 ;;
   esac
 done
