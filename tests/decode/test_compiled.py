@@ -38,9 +38,7 @@ def test_compiled_token_steps_equal_eager_and_compile_once_per_cache_and_search(
     # One search state per (cache, search), reused across calls: a captured graph's addresses stay put.
     assert list(compiled._programs) == [(4, 64, torch.float32, torch.device("cpu"))]
     assert len(compiled._programs[(4, 64, torch.float32, torch.device("cpu"))]) == 3
-    # Another cache (the 8-row bucket) and back: after a call's first token step, the
-    # steps check only the guards that tell compiled entries apart; each call must still
-    # run its own cache's entry.
+    # Another cache (the 8-row bucket) and back: each call runs its own cache's entry.
     check(6, 78, greedy)
     check(3, 79, greedy)
     check(6, 80, GenerationConfig(max_new_tokens=24, num_beams=1))

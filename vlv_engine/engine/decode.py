@@ -221,18 +221,6 @@ def cuda_step_options(scheme: str | None, *, inductor_graphs: bool = False) -> d
     return {k: v for k, v in options.items() if k == "triton.cudagraphs" or hasattr(inductor_config, k)}
 
 
-def _same_call_guards():
-    """For the token steps after a program's first in one `generate` call: dynamo checks
-    only the guards that tell its compiled entries apart, not all of them.
-
-    Every token step of a call passes the same objects (model, cache, search state) as
-    the first, which ran under full guards and so selected (or compiled) the right entry;
-    the full check (every weight and buffer: 1.5-2 ms per call on our CPU for the small
-    preset, ~5 % of a token) can only give the same answer. A new call starts with full
-    guards again. CUDA does not need this: its steps replay a captured graph."""
-    return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
-
-
 def min_step_rows(scheme: str | None, device_type: str, compiled: bool) -> int:
     """The fewest rows a decode step may run. int8 dynamic's compiled CUDA step multiplies
     int8 activations with cuBLAS's `_int_mm`, which refuses 16 rows or fewer (its eager
@@ -443,14 +431,11 @@ class StaticDecoder:
         check_every = stop_check_interval(device)
         running = state.alive if beams == 1 else state.go
         steps = 1
-        with contextlib.ExitStack() as loop:
-            while steps < max_new:
-                if steps % check_every == 0 and not bool(running):
-                    break
-                run(nq + steps - 1)
-                if steps == 1 and self.compiled and not self.capture:
-                    loop.enter_context(_same_call_guards())
-                steps += 1
+        while steps < max_new:
+            if steps % check_every == 0 and not bool(running):
+                break
+            run(nq + steps - 1)
+            steps += 1
         return state.result(n, steps) if beams == 1 else state.result(n)
 
 
