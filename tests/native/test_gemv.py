@@ -17,8 +17,9 @@ def rel_err(a, b):
 
 # Odd shapes: K not a multiple of 8 or 64 (vector tails, prefetch steps), N below one task
 # or not a multiple of the 3-output-row tiles, rows in every remainder of the 4-row tiles
-# (3 rows and more take the tiled loop), and decode-like shapes (beams, a prefill).
-SHAPES = [(1, 8, 1), (1, 37, 11), (2, 100, 33), (3, 64, 17), (4, 896, 128), (5, 33, 200), (7, 257, 65),
+# (3 rows and more take the tiled loop), decode-like shapes (beams, a prefill), and 1-2 rows
+# wide enough to take the far-prefetch loop (more than 4 KB of input rows), with tails.
+SHAPES = [(1, 4869, 96), (2, 1030, 33), (1, 8, 1), (1, 37, 11), (2, 100, 33), (3, 64, 17), (4, 896, 128), (5, 33, 200), (7, 257, 65),
           (1, 896, 4864), (9, 4864, 96), (13, 896, 64), (32, 130, 301), (70, 72, 7), (6, 7, 5)]
 
 
