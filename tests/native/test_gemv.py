@@ -92,6 +92,17 @@ def test_wrong_dtypes_are_refused():
         gemv.int8_weight_linear(torch.randn(1, 9), q, scale, None)
 
 
+@pytest.mark.parametrize("call", ["op", "module"])
+def test_a_gradient_is_refused_not_dropped(call):
+    mod = gemv.Int8Linear.from_linear(torch.nn.Linear(8, 4))
+    x = torch.randn(2, 8, requires_grad=True)
+    fn = (lambda t: gemv.int8_weight_linear(t, mod.weight, mod.scale, mod.bias)) if call == "op" else mod
+    with pytest.raises(RuntimeError, match="inference only"):
+        fn(x)
+    with torch.no_grad():
+        assert rel_err(fn(x), gemv.int8_weight_linear_reference(x.detach(), mod.weight, mod.scale, mod.bias)) < 1e-5
+
+
 def test_kernel_threads_hands_the_cores_to_the_pool():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
