@@ -67,8 +67,8 @@ def main() -> None:
 
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.2f}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    print(f"preset {args.preset}: {n_layers} layers + lm_head, {weight_bytes / 1e6:.0f} MB of int8 weights "
-          f"and scales per step; bound {weight_bytes / bandwidth * 1e3:.2f} ms")
+    print(f"preset {args.preset}: {n_layers} layers + lm_head, {weight_bytes / 1e6:.1f} MB of int8 weights "
+          f"and scales per step; bound {weight_bytes / bandwidth * 1e3:.3f} ms")
     print("| rows | path | step ms (median) | best | GB/s (best) | % of bound (best) | "
           + " | ".join(f"{k} ms" for k in shapes) + " |")
     print("| --- " * (6 + len(shapes)) + "|")
