@@ -10,9 +10,9 @@ random weights (so they stream from memory as in a real step, not from cache), f
   * ``torch``: `torch._weight_int8pack_mm` (PyTorch's CPU int8 weight-only kernel, what
                torchao's int8 weight-only layers call on a CPU),
 interleaved step by step in one process; ``vlv`` inside `kernel_threads()` as a decode
-step runs it, ``torch`` on torch's threads. Per product group: median ms per step; per path: median and best step, GB/s of
-weights and % of the bandwidth bound (weight bytes / a large copy's bandwidth, measured
-here). Rows beyond 2 (beams, a batch) are compute-bound: read ms, not % of bound.
+step runs it, ``torch`` on torch's threads. Per product group: median ms per step; per
+path: median and best step, GB/s of weights and % of the bandwidth bound (weight bytes /
+a large copy's bandwidth, measured here). Rows beyond 2 (beams, a batch) are compute-bound: read ms, not % of bound.
 The machine and load average are printed: compare the paths of one run, not runs.
 """
 
@@ -77,7 +77,7 @@ def main() -> None:
         per_step: dict[str, list[dict[str, float]]] = {p: [] for p in paths}
         for rep in range(args.repeats + 1):
             for path, fn in paths.items():
-                time.sleep(0.1)  # torch's OpenMP workers spin a while after its step: not on our time
+                time.sleep(0.1)  # neither path starts while the other's threads may still spin
                 times = dict.fromkeys(shapes, 0.0)
                 with gemv.kernel_threads() if path == "vlv" else contextlib.nullcontext():
                     for name, w, s in step:
