@@ -18,7 +18,7 @@ from vlv_engine.bench.pipelines import BenchSetup, token_match
 from vlv_engine.bench.report import Row
 from vlv_engine.config import GenerationConfig
 from vlv_engine.engine.decode import StaticDecoder, prepare_llm
-from vlv_engine.engine.quantize import EAGER_ONLY_SCHEMES, decode_weight_bytes, quantize_llm
+from vlv_engine.engine.quantize import decode_weight_bytes, quantize_llm
 
 
 INDUCTOR_GRAPHS = "inductor_graphs"  # a decode row, not a scheme: the fast LLM under inductor's CUDA graphs
@@ -51,7 +51,7 @@ def variant_decoders(setup: BenchSetup, schemes: list[str], dtype: torch.dtype, 
         if scheme != "none":
             quantize_llm(llm, scheme, device=setup.device)
         out[f"{scheme} ({str(llm.dtype).replace('torch.', '')})"] = StaticDecoder(
-            llm, compile=compile and scheme not in EAGER_ONLY_SCHEMES)
+            llm, compile=compile)
     return out
 
 

@@ -17,8 +17,6 @@ import sys
 import torch
 
 from vlv_engine.bench.report import Row
-from vlv_engine.engine.quantize import EAGER_ONLY_SCHEMES
-
 
 def probe(args: argparse.Namespace) -> dict:
     from vlv_engine.bench.measure import PeakMemory, current_rss
@@ -66,7 +64,6 @@ def run_memory(*, preset: str, device: torch.device, batch: int, dtype: torch.dt
         cmd = [sys.executable, "-m", "vlv_engine.bench.memory", "--pipeline", pipeline, "--preset", preset,
                "--device", str(device), "--batch", str(batch), "--dtype", str(dtype).replace("torch.", ""),
                "--new-tokens", str(new_tokens), "--num-beams", str(num_beams), "--encoder-backend", encoder_backend]
-        compile = compile and quantize not in EAGER_ONLY_SCHEMES
         cmd += (["--quantize", quantize] if quantize else []) + (["--compile"] if compile else [])
         if encoder_quantize and pipeline == "fast":
             cmd += ["--encoder-quantize", encoder_quantize]

@@ -22,7 +22,6 @@ import torch
 
 from vlv_engine.config import GenerationConfig
 from vlv_engine.engine.decode import make_decoder
-from vlv_engine.engine.quantize import EAGER_ONLY_SCHEMES
 
 
 @dataclass
@@ -131,7 +130,6 @@ def build_setup(preset: str, *, device: str | torch.device = "cpu", fast_dtype: 
         raise ValueError("the paper preset runs on a GPU only (--device cuda)")
     model, _ = load_model(preset, seed, with_diffusion=with_diffusion, device=device)
     default_tokens, default_beams = PRESET_DEFAULTS[preset]
-    compile_decoder = compile_decoder and quantize not in EAGER_ONLY_SCHEMES  # those run the static loop
     fast_dtype = fast_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     enc_kwargs = {}
     notes: dict = {"fast_dtype": str(fast_dtype).replace("torch.", ""), "quantize": quantize or "none",

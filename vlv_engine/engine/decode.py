@@ -66,7 +66,7 @@ from vlv_engine.engine.decode_attention import use_decode_attention
 from vlv_engine.engine.fused_projections import fuse_projections
 from vlv_engine.engine.generation import generate_reference
 from vlv_engine.engine.greedy import GreedyState, greedy_update
-from vlv_engine.engine.quantize import EAGER_ONLY_SCHEMES, NATIVE_SCHEMES
+from vlv_engine.engine.quantize import NATIVE_SCHEMES
 
 log = logging.getLogger(__name__)
 
@@ -244,10 +244,6 @@ class StaticDecoder:
     def __init__(self, llm: PreTrainedModel, *, compile: bool = False, compile_mode: str | None = None,
                  cuda_graphs: bool | None = None, batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS,
                  length_multiple: int = DEFAULT_LENGTH_MULTIPLE, max_caches: int = 4):
-        scheme = getattr(llm, "vlv_quantization", None)
-        if compile and scheme in EAGER_ONLY_SCHEMES:
-            raise ValueError(f"the compiled decoder cannot run an LLM quantized with {scheme!r}: its layers are "
-                             "opaque to torch.compile; use the static decoder (decoder='static')")
         on_cuda = llm.device.type == "cuda"
         if cuda_graphs and not (compile and on_cuda):
             raise ValueError("cuda_graphs=True needs compile=True and an LLM on a CUDA device "

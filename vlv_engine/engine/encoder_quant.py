@@ -15,8 +15,10 @@ What it costs, measured (benchmarks/README.md), on the bundled nano model's 500 
 Shapes World scenes: see `tests/quant/test_encoder_quant.py` for the figures.
 
 It is opt-in (`Engine(encoder_quantize="int8_dynamic")`, `--encoder-quantize`), CPU only,
-float32 only, with the eager encoder backend: the quantized linear is an opaque fbgemm
-call that torch.compile and the Triton path do not trace.
+float32 only, with the eager or the compile encoder backend ("auto" picks as it does in
+float32: compile where a C++ compiler is found). Compiled, each int8 product is one
+opaque fbgemm call (`fbgemm_int8.FbgemmLinear`) and inductor fuses what lies between
+them: the norms, residual adds and window layout copies that eager runs one by one.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ ENCODER_SCHEMES = ("int8_dynamic",)
 
 
 def check_encoder_scheme(scheme: str, device: str | torch.device, dtype: torch.dtype, backend: str) -> str:
-    """Refuse a scheme that cannot run here, with the reason; return the encoder backend to
-    use ("auto" becomes "eager", the only one that runs the quantized linears)."""
+    """Refuse a scheme that cannot run here, with the reason; return the encoder backend
+    preference to use (the one given: "auto", "eager" or "compile")."""
     if scheme not in ENCODER_SCHEMES:
         raise ValueError(f"unknown encoder quantization {scheme!r}; choose one of {list(ENCODER_SCHEMES)}")
     device = torch.device(device)
@@ -43,10 +45,10 @@ def check_encoder_scheme(scheme: str, device: str | torch.device, dtype: torch.d
     reason = unavailable_reason()
     if reason:
         raise ValueError(f"encoder_quantize={scheme!r}: {reason}")
-    if backend not in ("auto", "eager"):
-        raise ValueError(f"encoder_quantize={scheme!r} runs with the eager encoder backend only (its int8 "
-                         f"linears are opaque to torch.compile and Triton), got encoder_backend={backend!r}")
-    return "eager"
+    if backend not in ("auto", "eager", "compile"):
+        raise ValueError(f"encoder_quantize={scheme!r} runs with the eager or compile encoder backend (the "
+                         f"Triton kernels take float activations), got encoder_backend={backend!r}")
+    return backend
 
 
 def int8_parts(model: nn.Module) -> list[nn.Module]:

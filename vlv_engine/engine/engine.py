@@ -24,7 +24,7 @@ from vlv_engine.engine.encoder_quant import check_encoder_scheme, quantize_encod
 from vlv_engine.engine.encoder_select import select_encoder_backend
 from vlv_engine.engine.inplace_activations import inplace_mlp_activations
 from vlv_engine.engine.postprocess import official_postprocess
-from vlv_engine.engine.quantize import EAGER_ONLY_SCHEMES, check_scheme, quantize_llm
+from vlv_engine.engine.quantize import check_scheme, quantize_llm
 from vlv_engine.engine.results import ItemResult
 from vlv_engine.engine.unread_tables import move_unread_tables
 from vlv_engine.engine.vision_attention import use_vision_attention
@@ -61,9 +61,6 @@ class Engine:
         self.quantize = quantize
         if quantize is not None:
             check_scheme(quantize, device)
-            if decoder == "compiled" and quantize in EAGER_ONLY_SCHEMES:
-                raise ValueError(f"decoder='compiled' cannot run quantize={quantize!r} (its layers are opaque to "
-                                 "torch.compile); use decoder='static'")
         # encoder_quantize: None or "int8_dynamic" (CPU, float32, eager encoder backend):
         # the encoder's and bottleneck's linears in int8 (`vlv_engine.engine.encoder_quant`).
         self.encoder_quantize = encoder_quantize

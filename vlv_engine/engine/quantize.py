@@ -19,8 +19,8 @@ Which is fast where (docs: cpu-facts.md): on an AVX2 CPU without VNNI torchao's 
 weight-only is slower than fp32 (it materializes float weights); int8_cpu widens each
 weight in registers and reads a quarter of fp32's bytes, the fastest at batch 1 with a compiled
 step. Many rows (beams x captions, a prefill) make the products compute-bound: there
-int8_dynamic_cpu multiplies int8 by int8 (~3.6x faster than int8_cpu at 32 rows), but its
-layers cannot be compiled, so its decode step runs eagerly (decoder="static"). Schemes with bf16
+int8_dynamic_cpu multiplies int8 by int8 (~3.6x faster than int8_cpu at 32 rows); its
+layers reach fbgemm through a registered op, so its decode step compiles too. Schemes with bf16
 activations cast the LLM to bf16 first (the decoder's static cache follows the LLM's
 dtype; the rest of the model keeps its own).
 
@@ -69,12 +69,10 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme("int8_cpu", ("cpu",), torch.float32, None, False, "int8 weights (per row, native AVX2 kernel), fp32 "
            "activations"),
     Scheme("int8_dynamic_cpu", ("cpu",), torch.float32, None, False, "int8 weights (per row) and dynamic int8 "
-           "activations (per tensor), PyTorch's fbgemm kernels; eager decode steps"),
+           "activations (per tensor), PyTorch's fbgemm kernels"),
 )}
 NATIVE_SCHEMES = ("int8_cpu",)  # ours, not torchao's
 FBGEMM_SCHEMES = ("int8_dynamic_cpu",)  # PyTorch's quantized CPU kernels, not torchao's
-# Schemes whose layers torch.compile cannot trace: decoder="compiled" refuses them.
-EAGER_ONLY_SCHEMES = FBGEMM_SCHEMES
 
 INT4_GROUP_SIZES = (128, 64, 32)  # what the int4 kernels accept, largest (fewest scales) first
 
