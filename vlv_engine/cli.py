@@ -22,6 +22,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 SAMPLER_NAMES = ["ddpm", "ddim", "dpm", "dpm-sde"]
 DECODER_NAMES = ["static", "compiled", "reference"]  # vlv_engine.engine.decode.DECODERS, likewise
 ENCODER_QUANT_NAMES = ["int8_dynamic"]  # vlv_engine.engine.encoder_quant.ENCODER_SCHEMES, likewise
+ENCODER_BACKEND_NAMES = ["eager", "auto", "compile", "triton"]  # encoder_select.ENCODER_PREFERENCES, likewise
 
 log = logging.getLogger("vlv")
 
@@ -49,6 +50,8 @@ def _load_engine(args: argparse.Namespace, device: str | None = None, **kwargs):
         kwargs.setdefault("encoder_quantize", args.encoder_quantize)
     if getattr(args, "decoder", None):
         kwargs.setdefault("decoder", args.decoder)
+    if getattr(args, "encoder_backend", None):
+        kwargs.setdefault("encoder_backend", args.encoder_backend)
     return Engine.from_pretrained(args.model, device=device or args.device, dtype=getattr(torch, DTYPES[args.dtype]),
                                   **kwargs)
 
@@ -65,7 +68,8 @@ def _ray_engines(args: argparse.Namespace, options) -> None:
     options.engine_factory = functools.partial(Engine.from_pretrained, args.model, device=args.device,
                                                dtype=getattr(torch, DTYPES[args.dtype]),
                                                load_diffusion=args.self_check, quantize=args.quantize,
-                                               encoder_quantize=args.encoder_quantize, decoder=args.decoder)
+                                               encoder_quantize=args.encoder_quantize, decoder=args.decoder,
+                                               encoder_backend=args.encoder_backend)
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -106,7 +110,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
         on_failure = None if args.quiet else _report_failure
         if args.ray:
             _ray_engines(args, options)
-            engine = _load_engine(args, load_diffusion=args.self_check, device="cpu")  # revisions, settings
+            # revisions, settings (the encoder backend changes neither: the driver's stays eager)
+            engine = _load_engine(args, load_diffusion=args.self_check, device="cpu", encoder_backend="eager")
             summary = caption_dataset(engine, items, options, on_failure=on_failure)
         else:
             from vlv_engine.batch.decode import DecodePool
@@ -318,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the LLM decode loop: static (static KV cache, eager step; the default), "
                                 "compiled (the step under torch.compile: faster per token, compiles once per "
                                 "batch bucket, ~1 min each on a CPU; for long jobs) or reference (HF generate)")
+            p.add_argument("--encoder-backend", default="eager", choices=ENCODER_BACKEND_NAMES,
+                           help="pixels -> caption embedding: eager (the default), compile (torch.compile, "
+                                "also with --encoder-quantize; on a CPU a 768 px model first compiles ~1-1.5 "
+                                "min per batch bucket), triton (CUDA) or auto (the fastest this machine runs)")
 
     def sampler_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--sampler", choices=SAMPLER_NAMES,
@@ -448,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="more decode-suite rows: 'none' (unquantized, fast dtype), scheme names, or "
                         "'inductor_graphs' (CUDA: the fast LLM under inductor's CUDA graphs, not captured steps)")
     p.add_argument("--no-compile", action="store_true", help="eager decode step (no torch.compile)")
-    p.add_argument("--encoder-backend", default="auto", help="the fast path's encoder backend")
+    p.add_argument("--encoder-backend", default="auto", choices=ENCODER_BACKEND_NAMES,
+                   help="the fast path's encoder backend")
     p.add_argument("--encoder-batch-size", type=int,
                    help="the fast engine's images per encoder forward (default: the engine's, two 768 px images; "
                         "the memory suite always runs the default)")

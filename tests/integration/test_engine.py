@@ -253,3 +253,35 @@ def test_encoder_quantize_flag_reaches_the_engine(command, monkeypatch):
     assert "encoder_quantize" not in seen
     with pytest.raises(SystemExit):
         build_parser().parse_args([*argv, "--encoder-quantize", "int4"])
+
+
+@pytest.mark.parametrize("command", ["caption", "eval", "serve"])
+def test_encoder_backend_flag_reaches_the_engine(command, monkeypatch):
+    from vlv_engine import Engine
+    from vlv_engine.cli import ENCODER_BACKEND_NAMES, _load_engine, build_parser
+    from vlv_engine.engine.encoder_select import ENCODER_PREFERENCES
+
+    assert sorted(ENCODER_BACKEND_NAMES) == sorted(ENCODER_PREFERENCES)
+    argv = {"caption": ["caption", "x.png"], "eval": ["eval", "shapes"], "serve": ["serve"]}[command]
+    seen = {}
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, path, **kw: seen.update(kw)))
+    _load_engine(build_parser().parse_args([*argv, "--encoder-backend", "compile"]))
+    assert seen["encoder_backend"] == "compile"
+    seen.clear()
+    _load_engine(build_parser().parse_args(argv))
+    assert seen["encoder_backend"] == "eager"  # the Engine's own default
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--encoder-backend", "tensorrt"])
+
+
+def test_ray_actors_build_their_engines_with_the_flags():
+    from types import SimpleNamespace
+
+    from vlv_engine.cli import _ray_engines, build_parser
+
+    args = build_parser().parse_args(["caption", "x.png", "--ray", "--encoder-backend", "compile", "--decoder",
+                                      "compiled", "--encoder-quantize", "int8_dynamic"])
+    options = SimpleNamespace(engine_factory=None)
+    _ray_engines(args, options)
+    kw = options.engine_factory.keywords
+    assert (kw["encoder_backend"], kw["decoder"], kw["encoder_quantize"]) == ("compile", "compiled", "int8_dynamic")
