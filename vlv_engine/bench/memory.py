@@ -18,6 +18,7 @@ import torch
 
 from vlv_engine.bench.report import Row
 
+
 def probe(args: argparse.Namespace) -> dict:
     from vlv_engine.bench.measure import PeakMemory, current_rss
     from vlv_engine.bench.pipelines import (PRESET_DEFAULTS, caption_tokens, eager_attention, has_encoder_backends,
