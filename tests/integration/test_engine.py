@@ -236,40 +236,43 @@ def test_decoder_flag_reaches_the_engine(command, monkeypatch):
         build_parser().parse_args([*argv, "--decoder", "fast"])
 
 
+COMMAND_ARGV = {"caption": ["caption", "x.png"], "eval": ["eval", "shapes"], "serve": ["serve"]}
+
+
+def _engine_kwargs(monkeypatch, argv):
+    """The keyword arguments `vlv ARGV` would build its Engine with."""
+    from vlv_engine import Engine
+    from vlv_engine.cli import _load_engine, build_parser
+
+    seen = {}
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, path, **kw: seen.update(kw)))
+    _load_engine(build_parser().parse_args(argv))
+    return seen
+
+
 @pytest.mark.parametrize("command", ["caption", "eval", "serve"])
 def test_encoder_quantize_flag_reaches_the_engine(command, monkeypatch):
-    from vlv_engine import Engine
-    from vlv_engine.cli import ENCODER_QUANT_NAMES, _load_engine, build_parser
+    from vlv_engine.cli import ENCODER_QUANT_NAMES, build_parser
     from vlv_engine.engine.encoder_quant import ENCODER_SCHEMES
 
     assert sorted(ENCODER_QUANT_NAMES) == sorted(ENCODER_SCHEMES)
-    argv = {"caption": ["caption", "x.png"], "eval": ["eval", "shapes"], "serve": ["serve"]}[command]
-    seen = {}
-    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, path, **kw: seen.update(kw)))
-    _load_engine(build_parser().parse_args([*argv, "--encoder-quantize", "int8_dynamic"]))
-    assert seen["encoder_quantize"] == "int8_dynamic"
-    seen.clear()
-    _load_engine(build_parser().parse_args(argv))
-    assert "encoder_quantize" not in seen
+    argv = COMMAND_ARGV[command]
+    assert _engine_kwargs(monkeypatch, [*argv, "--encoder-quantize", "int8_dynamic"])["encoder_quantize"] \
+        == "int8_dynamic"
+    assert "encoder_quantize" not in _engine_kwargs(monkeypatch, argv)
     with pytest.raises(SystemExit):
         build_parser().parse_args([*argv, "--encoder-quantize", "int4"])
 
 
 @pytest.mark.parametrize("command", ["caption", "eval", "serve"])
 def test_encoder_backend_flag_reaches_the_engine(command, monkeypatch):
-    from vlv_engine import Engine
-    from vlv_engine.cli import ENCODER_BACKEND_NAMES, _load_engine, build_parser
+    from vlv_engine.cli import ENCODER_BACKEND_NAMES, build_parser
     from vlv_engine.engine.encoder_select import ENCODER_PREFERENCES
 
     assert sorted(ENCODER_BACKEND_NAMES) == sorted(ENCODER_PREFERENCES)
-    argv = {"caption": ["caption", "x.png"], "eval": ["eval", "shapes"], "serve": ["serve"]}[command]
-    seen = {}
-    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, path, **kw: seen.update(kw)))
-    _load_engine(build_parser().parse_args([*argv, "--encoder-backend", "compile"]))
-    assert seen["encoder_backend"] == "compile"
-    seen.clear()
-    _load_engine(build_parser().parse_args(argv))
-    assert seen["encoder_backend"] == "eager"  # the Engine's own default
+    argv = COMMAND_ARGV[command]
+    assert _engine_kwargs(monkeypatch, [*argv, "--encoder-backend", "compile"])["encoder_backend"] == "compile"
+    assert _engine_kwargs(monkeypatch, argv)["encoder_backend"] == "eager"  # the Engine's own default
     with pytest.raises(SystemExit):
         build_parser().parse_args([*argv, "--encoder-backend", "tensorrt"])
 
