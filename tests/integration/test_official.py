@@ -274,6 +274,12 @@ def test_from_official_takes_the_engine_options(release, images):
     engine = Engine.from_official(stage2=release["stage2"], stage1=release["stage1"], decoder="reference",
                                   **folders(release))
     assert engine.decoder == "reference"
+    # Every option of the constructor, as from_pretrained takes them.
+    sized = Engine.from_official(stage2=release["stage2"], stage1=release["stage1"], batch_size=3,
+                                 encoder_batch_size=2, max_pixels=10_000, **folders(release))
+    assert (sized.batch_size, sized.encoder_batch_size, sized.max_pixels) == (3, 2, 10_000)
+    with pytest.raises(TypeError, match="batch_sise"):
+        Engine.from_official(stage2=release["stage2"], batch_sise=3, **folders(release))
     with pytest.raises(ValueError, match="unknown decoder"):
         Engine.from_official(stage2=release["stage2"], decoder="fast", **folders(release))
     # The encoder backend and the decoder's quantization reach the engine too (checked at

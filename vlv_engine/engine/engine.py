@@ -1,4 +1,4 @@
-"""Engine: caption, embed and reconstruct images with a VLV model (reference path).
+"""Engine: caption, embed and reconstruct images with a VLV model.
 
 Every entry point shares one image path (`vlv_engine.images`): load -> RGB ->
 one resize to the encoder's input size -> normalize. The encoder path ends in the
@@ -142,17 +142,20 @@ class Engine:
                    device=device, dtype=dtype, **kwargs)
 
     @classmethod
-    def from_official(cls, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                      decoder: str = "static", unet_backend: str = "eager", encoder_backend: str = "eager",
-                      quantize: str | None = None, encoder_quantize: str | None = None, **paths: Any) -> "Engine":
-        """Load the released checkpoints; `paths` are those of
-        `vlv_engine.checkpoint.official.load_official` (stage2, stage1, florence2, ...)."""
+    def from_official(cls, *, stage2: str | Path | None = None, stage1: str | Path | None = None,
+                      florence2: str | Path, stable_diffusion: str | Path | None = None,
+                      llm: str | Path | None = None, num_queries: int | None = None,
+                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                      **kwargs: Any) -> "Engine":
+        """Load the released checkpoints (the paths are those of
+        `vlv_engine.checkpoint.official.load_official`); `kwargs` are the engine's options,
+        as in `from_pretrained`."""
         from vlv_engine.checkpoint.official import load_official
 
-        loaded = load_official(dtype=dtype, **paths)
+        loaded = load_official(stage2=stage2, stage1=stage1, florence2=florence2, stable_diffusion=stable_diffusion,
+                               llm=llm, num_queries=num_queries, dtype=dtype)
         return cls(loaded.model, llm_tokenizer=loaded.llm_tokenizer, text_tokenizer=loaded.text_tokenizer,
-                   device=device, dtype=dtype, decoder=decoder, unet_backend=unet_backend,
-                   encoder_backend=encoder_backend, quantize=quantize, encoder_quantize=encoder_quantize)
+                   device=device, dtype=dtype, **kwargs)
 
     def save_pretrained(self, path: str | Path) -> Path:
         from vlv_engine.checkpoint.folder import save_folder
