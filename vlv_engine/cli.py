@@ -485,6 +485,11 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.set_verbosity_error()
+    # transformers imports torchao when it is installed (the `quant` extra), and torchao
+    # then warns on every run: its CUDA-only libraries do not load on a CPU, and it
+    # registers enums in a way this torch deprecates (torch.utils._pytree).
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 # PyTorch's CPU allocator returns every large tensor to the OS when it is freed, so the

@@ -134,3 +134,27 @@ def test_beam_prefill_runs_each_image_once(llm):
         torch.testing.assert_close(a.values[:, :, :nq], b.values[:, :, :nq], rtol=1e-5, atol=1e-5)
     # the beam search's own caches and the prefill caches are kept apart
     assert list(dec._caches) != list(dec._prefill_caches)
+
+
+def test_the_cache_goes_by_the_models_own_keyword(llm):
+    """transformers 5.24 renamed `past_key_values` to `cache`: a model that knows the new
+    name gets it (the old one warns, and goes in 5.40), an older one keeps the old name."""
+    import copy
+    import inspect
+    import warnings
+
+    from vlv_engine.engine.decode import cache_keyword
+
+    names = inspect.signature(llm.forward).parameters
+    want = "cache" if "cache" in names else "past_key_values"
+    model = copy.deepcopy(llm)
+    assert cache_keyword(model) == want and model.vlv_cache_keyword == want
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # how transformers deprecates a keyword
+        StaticDecoder(model).generate(prefixes(2, seed=3), BEAMS, eos_token_id=EOS, pad_token_id=PAD)
+
+    class OldForward(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            raise AssertionError("not called")
+
+    assert cache_keyword(OldForward()) == "past_key_values"

@@ -87,3 +87,8 @@ def test_console_script_runs():
     out = subprocess.run([str(vlv), "caption", str(EXAMPLES / "scene_01.png")], capture_output=True, text=True,
                          check=True)
     assert json.loads(out.stdout.splitlines()[0])["path"].endswith("scene_01.png")
+    # stderr is the progress bar and the summary; no library's notices (torchao, when
+    # installed, warns on every import; a deprecated keyword warns on every decode).
+    notices = [line for line in out.stderr.replace("\r", "\n").splitlines()
+               if line.strip() and not line.startswith(("captioning", "vlv caption:"))]
+    assert not notices, notices

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from vlv_engine.engine.decode import DEFAULT_LENGTH_MULTIPLE, bucket_batch, prepare_llm, round_up
+from vlv_engine.engine.decode import DEFAULT_LENGTH_MULTIPLE, bucket_batch, cache_keyword, prepare_llm, round_up
 from vlv_engine.engine.engine import ENCODER_PIXELS
 from vlv_engine.engine.inplace_activations import inplace_mlp_activations
 from vlv_engine.engine.unread_tables import unread_tables
@@ -115,8 +115,8 @@ def estimate(preset: str = "paper", *, batch: int = 8, beams: int | None = None,
     position_ids = torch.arange(nq, device="meta").unsqueeze(0)
 
     def prefill(x):
-        return llm(inputs_embeds=x, position_ids=position_ids, past_key_values=cache, use_cache=True,
-                   logits_to_keep=1).logits
+        return llm(inputs_embeds=x, position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                   **{cache_keyword(llm): cache}).logits
 
     prefill_peak = peak_bytes(prefill, prefix, ignore=[*weights, *(t for layer in cache.layers
                                                                     for t in (layer.keys, layer.values))])

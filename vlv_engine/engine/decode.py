@@ -52,6 +52,7 @@ arithmetic (beam search's log-softmax) is generated code too, with its own round
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections import OrderedDict
 from typing import Protocol
@@ -102,15 +103,28 @@ def prepare_llm(llm: PreTrainedModel) -> PreTrainedModel:
     state dict; `Engine(decoder="reference")` leaves HF's model as it is."""
     fuse_projections(llm)
     use_decode_attention(llm)
+    cache_keyword(llm)
     return llm
+
+
+def cache_keyword(llm: PreTrainedModel) -> str:
+    """The keyword the LLM's forward takes its KV cache by, read once per model (outside
+    any compiled region: `prepare_llm`, `StaticDecoder`). transformers 5.24 renamed
+    `past_key_values` to `cache` (the old name warns, and goes in 5.40); 5.23, and any
+    model not moved yet, know only the old one."""
+    name = getattr(llm, "vlv_cache_keyword", None)
+    if name is None:
+        name = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+        llm.vlv_cache_keyword = name
+    return name
 
 
 def prefill(llm: PreTrainedModel, cache: StaticCache, prefix: torch.Tensor) -> torch.Tensor:
     """Run the [R, Nq, H] prefix into an empty (reset) cache; next-token logits [R, V] fp32."""
     nq = prefix.shape[1]
     position_ids = torch.arange(nq, device=prefix.device).unsqueeze(0)  # [1, Nq]
-    out = llm(inputs_embeds=prefix, position_ids=position_ids, past_key_values=cache, use_cache=True,
-              logits_to_keep=1)
+    out = llm(inputs_embeds=prefix, position_ids=position_ids, use_cache=True, logits_to_keep=1,
+              **{cache_keyword(llm): cache})
     return out.logits[:, -1].to(torch.float32)
 
 
@@ -123,7 +137,8 @@ def decode_step(llm: PreTrainedModel, cache: StaticCache, input_ids: torch.Tenso
     for layer in cache.layers:
         # StaticLayer writes at its own `cumulative_length`; pin it to the position we feed.
         layer.cumulative_length.copy_(position)
-    out = llm(input_ids=input_ids, position_ids=cache_position.view(1, 1), past_key_values=cache, use_cache=True)
+    out = llm(input_ids=input_ids, position_ids=cache_position.view(1, 1), use_cache=True,
+              **{cache_keyword(llm): cache})
     return out.logits[:, -1].to(torch.float32)
 
 
@@ -253,6 +268,7 @@ class StaticDecoder:
             raise ValueError(f"compile_mode={compile_mode!r} adds inductor's CUDA graphs to a step the decoder "
                              "captures itself; pass cuda_graphs=False to use inductor's instead")
         self.llm = llm
+        cache_keyword(llm)  # now, not inside a compiled step
         self.batch_buckets = tuple(sorted(batch_buckets))
         self.length_multiple = length_multiple
         self.max_caches = max_caches
