@@ -1,7 +1,6 @@
 """Encoder path (pixels -> caption embedding): the fast backend against eager fp32."""
 
 import pytest
-import torch
 
 from vlv_engine.bench.pipelines import encode
 

@@ -220,7 +220,6 @@ def test_unknown_sampler_is_refused(tiny, rgb_images):
 
 @pytest.mark.parametrize("command", ["caption", "eval", "serve"])
 def test_decoder_flag_reaches_the_engine(command, monkeypatch):
-    from vlv_engine import Engine
     from vlv_engine.cli import DECODER_NAMES, _load_engine, build_parser
     from vlv_engine.engine.decode import DECODERS
 
@@ -241,7 +240,6 @@ COMMAND_ARGV = {"caption": ["caption", "x.png"], "eval": ["eval", "shapes"], "se
 
 def _engine_kwargs(monkeypatch, argv):
     """The keyword arguments `vlv ARGV` would build its Engine with."""
-    from vlv_engine import Engine
     from vlv_engine.cli import _load_engine, build_parser
 
     seen = {}

@@ -53,7 +53,7 @@ def test_mixed_request_captions_the_good_images_and_reports_each_bad_one(client,
     assert body["failed"] == len(HOSTILE) and body["captioned"] == 2 + len(ODD_BUT_VALID)
     valid = [(name, data) for name, data in named if name not in HOSTILE]
     want = dict(zip((n for n, _ in valid), engine.caption([d for _, d in valid])))
-    for (name, data), res in zip(named, results):
+    for (name, _data), res in zip(named, results):
         if name in HOSTILE:
             _, status, reason = HOSTILE[name]
             assert (res["status"], res["reason"]) == (status, reason), res

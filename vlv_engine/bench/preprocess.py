@@ -38,7 +38,7 @@ def run_preprocess(config, *, batches: list[int], repeats: int) -> list[Row]:
         try:
             tf = time_calls(lambda: out.__setitem__("f", fast(*args)), repeats=repeats, warmup=1)
         except TypeError as err:
-            raise SuiteUnavailable(f"preprocess_batch(images, size, mean, std) is not callable as such: {err}")
+            raise SuiteUnavailable(f"preprocess_batch(images, size, mean, std) is not callable as such: {err}") from err
         tr = time_calls(lambda: out.__setitem__("r", ref(*args)), repeats=repeats, warmup=1)
         f, r = np.asarray(out["f"], dtype=np.float32), np.asarray(out["r"], dtype=np.float32)
         rows.append(Row("preprocess", "throughput", "img/s", batch, batch / tf.median, batch / tr.median, "higher",
