@@ -273,3 +273,26 @@ def test_torch_threads_setting_reaches_the_model_thread(engine):
         in_worker = c.portal.call(batcher.run_in_worker, torch.get_num_threads)
         c.portal.call(batcher.run_in_worker, lambda: torch.set_num_threads(1))  # the module's setting again
     assert in_worker == 2
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_warm_up_reaches_every_bucket_of_an_engine_that_compiles(engine, compiled):
+    """A compiled engine builds each batch bucket on first use (minutes on a CPU): the
+    service pays that before it is ready, not in the middle of traffic."""
+    from vlv_engine.serve.captioner import warm_up_sizes
+
+    slow = SlowEngine(engine)
+    if compiled:
+        slow.decoder = "compiled"  # what the engine reports; the model stays the tiny eager one
+    app = create_app(slow, config=ServeConfig(max_batch_size=6))
+    with TestClient(app) as c:
+        wait_ready(c.get)
+        assert slow.batch_sizes == ([1, 2, 4, 6] if compiled else [1])
+        r = c.post("/v1/caption", files=files(("a.png", png())))
+        assert r.status_code == 200
+    # Past the largest bucket, a batch runs in chunks of it: warming up to it covers all.
+    slow.decoder = "compiled"
+    assert warm_up_sizes(slow, 100) == [1, 2, 4, 8, 16, 32, 64, 100]
+    assert warm_up_sizes(slow, 1) == [1]
+    slow.decoder, slow.encoder_backend = "static", type("Choice", (), {"name": "compile"})()
+    assert warm_up_sizes(slow, 8) == [1, 2, 4, 8]

@@ -12,7 +12,8 @@ Endpoints:
 * ``GET /metrics``: Prometheus text format.
 
 The model loads in the background after startup, so liveness answers at once and
-readiness turns 200 when the first caption (the warm-up) is done. On shutdown
+readiness turns 200 when the warm-up is done (one caption; an engine that compiles
+captions one batch per batch bucket, `Captioner.warm_up`). On shutdown
 (uvicorn stops accepting and waits for open requests on SIGTERM) the batcher finishes
 everything queued before the model thread stops.
 """
@@ -82,7 +83,7 @@ def create_app(engine: Any = None, *, engine_factory: Callable[[], Any] | None =
             state.captioner, state.batcher = captioner, batcher
             if config.torch_threads is not None:
                 await batcher.run_in_worker(lambda: _set_torch_threads(config.torch_threads))
-            await batcher.run_in_worker(captioner.warm_up)
+            await batcher.run_in_worker(lambda: captioner.warm_up(config.max_batch_size))
             state.ready = True
             state.metrics.ready.set(1)
             log.info("model loaded and warmed; ready")

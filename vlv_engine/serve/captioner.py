@@ -10,12 +10,16 @@ captioned in separate engine calls.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
 from vlv_engine import images as image_io
+
+log = logging.getLogger(__name__)
 
 # Generation options as a hashable key: sorted (name, value) pairs.
 Options = tuple[tuple[str, Any], ...]
@@ -54,8 +58,34 @@ class Captioner:
                 out[i] = caption
         return out
 
-    def warm_up(self) -> str:
-        """One caption of a blank image: first-call costs (allocations, caches) paid before
-        the service says it is ready."""
+    def warm_up(self, max_batch_size: int = 1) -> str:
+        """Caption blank images before the service says it is ready: first-call costs
+        (allocations, caches) are paid up front. An engine that compiles (the compiled
+        decoder, the compile or triton encoder backend) compiles, and on CUDA captures, each
+        batch bucket on its first use: minutes on a CPU, which would stall the model thread
+        under traffic. Such an engine captions one batch per bucket up to `max_batch_size`
+        (`warm_up_sizes`). Requests with other generation options (num_beams, say) still
+        compile their own steps on first use."""
         blank = Image.new("RGB", self.size, (255, 255, 255))
-        return self.run_batch([CaptionJob(blank)])[0]
+        caption = ""
+        for n in warm_up_sizes(self.engine, max_batch_size):
+            start = time.perf_counter()
+            caption = self.run_batch([CaptionJob(blank)] * n)[0]
+            log.info("warm-up: a batch of %d in %.1f s", n, time.perf_counter() - start)
+        return caption
+
+
+def compiles(engine) -> bool:
+    """Whether the engine builds code per batch bucket on first use."""
+    backend = getattr(engine, "encoder_backend", None)
+    return getattr(engine, "decoder", None) == "compiled" or getattr(backend, "name", "eager") != "eager"
+
+
+def warm_up_sizes(engine, max_batch_size: int) -> list[int]:
+    """Batch sizes that reach every decode bucket (and, as powers of two, every encoder
+    bucket) a batch of up to `max_batch_size` images uses; [1] for an eager engine."""
+    from vlv_engine.engine.decode import DEFAULT_BATCH_BUCKETS
+
+    if not compiles(engine):
+        return [1]
+    return [b for b in DEFAULT_BATCH_BUCKETS if b < max_batch_size] + [max_batch_size]
