@@ -286,3 +286,20 @@ def test_ray_actors_build_their_engines_with_the_flags():
     _ray_engines(args, options)
     kw = options.engine_factory.keywords
     assert (kw["encoder_backend"], kw["decoder"], kw["encoder_quantize"]) == ("compile", "compiled", "int8_dynamic")
+
+
+def test_warm_up_captions_one_batch_per_bucket_when_the_engine_compiles(tiny, monkeypatch):
+    assert tiny.warm_up(4, max_new_tokens=3) == [1]  # the real thing: an eager engine captions one image
+    calls = []
+    monkeypatch.setattr(tiny, "caption", lambda images, batch_size=None, **gen: calls.append(
+        (len(images), batch_size, gen, {im.size for im in images})))
+    side = tiny.config.encoder.image_size
+    assert tiny.warm_up(5, num_beams=2) == [1] and calls == [(1, 1, {"num_beams": 2}, {(side, side)})]
+    calls.clear()
+    monkeypatch.setattr(tiny, "decoder", "compiled")  # what the engine reports; nothing compiles here
+    assert tiny.warm_up(5) == [1, 2, 4, 5] and [c[:2] for c in calls] == [(1, 1), (2, 2), (4, 4), (5, 5)]
+    calls.clear()
+    assert tiny.warm_up() == [b for b in (1, 2, 4, 8, 16, 32, 64) if b < tiny.batch_size] + [tiny.batch_size]
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="max_batch_size"):
+            tiny.warm_up(bad)

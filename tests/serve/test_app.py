@@ -279,7 +279,7 @@ def test_torch_threads_setting_reaches_the_model_thread(engine):
 def test_warm_up_reaches_every_bucket_of_an_engine_that_compiles(engine, compiled):
     """A compiled engine builds each batch bucket on first use (minutes on a CPU): the
     service pays that before it is ready, not in the middle of traffic."""
-    from vlv_engine.serve.captioner import warm_up_sizes
+    from vlv_engine.engine.warm_up import warm_up_sizes
 
     slow = SlowEngine(engine)
     if compiled:

@@ -28,6 +28,7 @@ from vlv_engine.engine.quantize import check_scheme, quantize_llm
 from vlv_engine.engine.results import ItemResult
 from vlv_engine.engine.unread_tables import move_unread_tables
 from vlv_engine.engine.vision_attention import use_vision_attention
+from vlv_engine.engine.warm_up import warm_up_sizes
 from vlv_engine.models import VLVModel
 
 DEFAULT_BATCH_SIZE = 8
@@ -259,6 +260,20 @@ class Engine:
                                            batch_size=batch_size, **generation) if good else []
         by_index = dict(zip(good, captions))
         return [ItemResult(i, value=by_index.get(i), error=errors[i]) for i in range(len(items))]
+
+    def warm_up(self, max_batch_size: int | None = None, **generation: Any) -> list[int]:
+        """Caption blank images so that later calls of up to `max_batch_size` images
+        (default: `batch_size`) compile nothing: with compiled parts, one batch per batch
+        bucket (`vlv_engine.engine.warm_up`), else one image. Generation options as in `caption`
+        (other options compile their own decode steps on first use). Returns the batch
+        sizes captioned."""
+        size = self.config.encoder.image_size
+        blank = Image.new("RGB", (size, size) if isinstance(size, int) else (int(size[1]), int(size[0])),
+                          (255, 255, 255))
+        sizes = warm_up_sizes(self, self.batch_size if max_batch_size is None else max_batch_size)
+        for n in sizes:
+            self.caption([blank] * n, batch_size=n, **generation)
+        return sizes
 
     # ------------------------------------------------------------------ reconstruct
 

@@ -18,6 +18,7 @@ from typing import Any
 from PIL import Image
 
 from vlv_engine import images as image_io
+from vlv_engine.engine.warm_up import warm_up_sizes
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class Captioner:
         decoder, the compile or triton encoder backend) compiles, and on CUDA captures, each
         batch bucket on its first use: minutes on a CPU, which would stall the model thread
         under traffic. Such an engine captions one batch per bucket up to `max_batch_size`
-        (`warm_up_sizes`). Requests with other generation options (num_beams, say) still
+        (`vlv_engine.engine.warm_up`). Requests with other generation options (num_beams, say) still
         compile their own steps on first use."""
         blank = Image.new("RGB", self.size, (255, 255, 255))
         caption = ""
@@ -74,18 +75,3 @@ class Captioner:
             log.info("warm-up: a batch of %d in %.1f s", n, time.perf_counter() - start)
         return caption
 
-
-def compiles(engine) -> bool:
-    """Whether the engine builds code per batch bucket on first use."""
-    backend = getattr(engine, "encoder_backend", None)
-    return getattr(engine, "decoder", None) == "compiled" or getattr(backend, "name", "eager") != "eager"
-
-
-def warm_up_sizes(engine, max_batch_size: int) -> list[int]:
-    """Batch sizes that reach every decode bucket (and, as powers of two, every encoder
-    bucket) a batch of up to `max_batch_size` images uses; [1] for an eager engine."""
-    from vlv_engine.engine.decode import DEFAULT_BATCH_BUCKETS
-
-    if not compiles(engine):
-        return [1]
-    return [b for b in DEFAULT_BATCH_BUCKETS if b < max_batch_size] + [max_batch_size]
