@@ -303,3 +303,43 @@ def test_warm_up_captions_one_batch_per_bucket_when_the_engine_compiles(tiny, mo
     for bad in (0, -1):
         with pytest.raises(ValueError, match="max_batch_size"):
             tiny.warm_up(bad)
+
+
+def test_threads_sharing_an_engine_get_their_own_captions(rgb_images):
+    """The decoder's KV caches and search states (and on CUDA the graphs' static buffers)
+    are shared: concurrent calls take turns instead of decoding into each other's caches."""
+    import threading
+
+    from vlv_engine.testing import tiny_engine
+
+    engine = tiny_engine(seed=0, with_diffusion=False)
+    gen = dict(max_new_tokens=12, num_beams=2)
+    jobs = [rgb_images[i:i + 2] for i in range(0, 8, 2)]  # different images per thread
+    want = [engine.caption(images, **gen) for images in jobs]
+    got: dict[int, list] = {}
+    barrier = threading.Barrier(len(jobs))
+
+    def work(i):
+        barrier.wait()
+        got[i] = [engine.caption(jobs[i], **gen) for _ in range(3)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(got[i] == [want[i]] * 3 for i in range(len(jobs))), (got, want)
+
+
+def test_an_engine_pickles_with_a_lock_of_its_own(tiny, rgb_images):
+    """Ray ships an engine to its actors by pickling it (`ray.put`), also one that has
+    captioned already (its decode loop holds closures and, compiled, compiled code)."""
+    import pickle
+
+    before = tiny.caption(rgb_images[:2], max_new_tokens=6)
+    assert tiny._llm_decoder is not None
+    copy = pickle.loads(pickle.dumps(tiny))
+    assert copy._llm_decoder is None  # rebuilt on first use
+    assert copy._lock is not tiny._lock and copy._lock.acquire(blocking=False)
+    copy._lock.release()
+    assert copy.caption(rgb_images[:2], max_new_tokens=6) == before

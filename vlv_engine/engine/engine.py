@@ -8,6 +8,7 @@ with the diffusion decoder.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -127,6 +128,27 @@ class Engine:
         # one fails now), built on the first encode (a compile is not free).
         self.encoder_backend = select_encoder_backend(encoder_backend, device=self.device, dtype=dtype)
         self._encoder_path = None
+        # The model's buffers are shared by every call: the decoder's KV caches and search
+        # states, the CUDA graphs' static inputs, the lazily built runners. Threads sharing
+        # an engine take turns on them (images are still decoded in parallel); for
+        # throughput, batch requests instead (`vlv serve`, `vlv_engine.serve`).
+        self._lock = threading.RLock()
+
+    def __getstate__(self) -> dict:
+        # Pickled for Ray actors (`ray.put(engine)`): the model and its settings travel. A
+        # lock, and what earlier calls built in this process (the decode loop, a compiled
+        # encoder path, UNet runners: closures, compiled code, CUDA graphs), are per process:
+        # the copy builds its own on first use.
+        state = self.__dict__.copy()
+        del state["_lock"]
+        state["_llm_decoder"] = state["_encoder_path"] = None
+        if self.unet_backend.name != "custom":  # a runner given by the caller travels as it is
+            state["_unet_runner"] = state["_vae_runner"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ loading
 
@@ -196,13 +218,14 @@ class Engine:
                 or tuple(pixel_values.shape[1:]) != (3, size, size):
             got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise ValueError(f"encode_pixels: pixel_values must be a [B, 3, {size}, {size}] tensor, got {got}")
-        if self._encoder_path is None:
-            self._encoder_path = build_encoder_path(self.encoder_backend, self.model,
-                                                    max_batch=self.encoder_batch_size)
         pixel_values = pixel_values.to(self.device, self.dtype)
-        if pixel_values.shape[0] <= self.encoder_batch_size:
-            return self._encoder_path(pixel_values)
-        return torch.cat([self._encoder_path(chunk) for chunk in pixel_values.split(self.encoder_batch_size)])
+        with self._lock:
+            if self._encoder_path is None:
+                self._encoder_path = build_encoder_path(self.encoder_backend, self.model,
+                                                        max_batch=self.encoder_batch_size)
+            if pixel_values.shape[0] <= self.encoder_batch_size:
+                return self._encoder_path(pixel_values)
+            return torch.cat([self._encoder_path(chunk) for chunk in pixel_values.split(self.encoder_batch_size)])
 
     @torch.no_grad()
     def embed_loaded(self, images: Sequence[Image.Image], batch_size: int | None = None) -> torch.Tensor:
@@ -229,14 +252,15 @@ class Engine:
             raise RuntimeError("this engine was loaded without a caption decoder (llm/ folder and tokenizer)")
         gen = self.generation_config(**generation)
         tok = self.llm_tokenizer
-        if self._llm_decoder is None or self._llm_decoder.llm is not decoder.llm:
-            self._llm_decoder = make_decoder(self.decoder, decoder.llm)
         texts: list[str] = []
-        for lo, hi in self._chunks(embeddings.shape[0], batch_size):
-            prefix = decoder.prefix(embeddings[lo:hi].to(self.device)).to(decoder.llm.dtype)  # [b, Nq, H]
-            ids = self._llm_decoder.generate(prefix, gen, eos_token_id=tok.eos_token_id,
-                                             pad_token_id=tok.pad_token_id)  # [b, T]
-            texts.extend(t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True))
+        with self._lock:
+            if self._llm_decoder is None or self._llm_decoder.llm is not decoder.llm:
+                self._llm_decoder = make_decoder(self.decoder, decoder.llm)
+            for lo, hi in self._chunks(embeddings.shape[0], batch_size):
+                prefix = decoder.prefix(embeddings[lo:hi].to(self.device)).to(decoder.llm.dtype)  # [b, Nq, H]
+                ids = self._llm_decoder.generate(prefix, gen, eos_token_id=tok.eos_token_id,
+                                                 pad_token_id=tok.pad_token_id)  # [b, T]
+                texts.extend(t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True))
         if gen.postprocess:
             texts = [official_postprocess(t) for t in texts]
         return texts
@@ -280,6 +304,10 @@ class Engine:
     @torch.no_grad()
     def unconditional_embedding(self) -> torch.Tensor:
         """The text encoder on the empty prompt padded to Nq: [1, Nq, D], computed once."""
+        with self._lock:
+            return self._unconditional_embedding()
+
+    def _unconditional_embedding(self) -> torch.Tensor:
         if self._uncond is None:
             if self.text_tokenizer is None:
                 raise RuntimeError("reconstruct needs the text encoder's tokenizer (tokenizer/ folder) "
@@ -307,8 +335,14 @@ class Engine:
         steps = steps or cfg.num_inference_steps
         guidance = cfg.guidance_scale if guidance_scale is None else guidance_scale
         loaded = self.load_images(images)
-        uncond = self.unconditional_embedding()
         diffusion.make_scheduler(sampler)  # reject an unknown sampler before any work
+        with self._lock:
+            return self._reconstruct(loaded, diffusion, steps=steps, guidance=guidance, seed=seed, sampler=sampler,
+                                     batch_size=batch_size)
+
+    def _reconstruct(self, loaded: list[Image.Image], diffusion, *, steps: int, guidance: float, seed: int,
+                     sampler: str | None, batch_size: int | None) -> list[Image.Image]:
+        uncond = self._unconditional_embedding()
         if self._unet_runner is None and self.unet_backend.name != "eager":
             self._unet_runner = build_unet_runner(self.unet_backend, diffusion, max_batch=self.batch_size,
                                                   num_queries=self.config.encoder.num_queries,
