@@ -4,7 +4,6 @@ the eager fp32 encoder, with the embeddings' relative difference."""
 
 from __future__ import annotations
 
-
 from vlv_engine.bench.measure import time_calls
 from vlv_engine.bench.pipelines import BenchSetup, encode, random_pixels
 from vlv_engine.bench.report import Row

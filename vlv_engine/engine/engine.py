@@ -288,12 +288,11 @@ class Engine:
     def warm_up(self, max_batch_size: int | None = None, **generation: Any) -> list[int]:
         """Caption blank images so that later calls of up to `max_batch_size` images
         (default: `batch_size`) compile nothing: with compiled parts, one batch per batch
-        bucket (`vlv_engine.engine.warm_up`), else one image. Generation options as in `caption`
-        (other options compile their own decode steps on first use). Returns the batch
-        sizes captioned."""
+        bucket (`vlv_engine.engine.warm_up`), else one image. Generation options as in
+        `caption` (other options compile their own decode steps on first use). Returns the
+        batch sizes captioned."""
         size = self.config.encoder.image_size
-        blank = Image.new("RGB", (size, size) if isinstance(size, int) else (int(size[1]), int(size[0])),
-                          (255, 255, 255))
+        blank = Image.new("RGB", (size, size), (255, 255, 255))
         sizes = warm_up_sizes(self, self.batch_size if max_batch_size is None else max_batch_size)
         for n in sizes:
             self.caption([blank] * n, batch_size=n, **generation)

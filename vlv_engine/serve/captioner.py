@@ -65,8 +65,8 @@ class Captioner:
         decoder, the compile or triton encoder backend) compiles, and on CUDA captures, each
         batch bucket on its first use: minutes on a CPU, which would stall the model thread
         under traffic. Such an engine captions one batch per bucket up to `max_batch_size`
-        (`vlv_engine.engine.warm_up`). Requests with other generation options (num_beams, say) still
-        compile their own steps on first use."""
+        (`vlv_engine.engine.warm_up`). Requests with other generation options (num_beams,
+        say) still compile their own steps on first use."""
         blank = Image.new("RGB", self.size, (255, 255, 255))
         caption = ""
         for n in warm_up_sizes(self.engine, max_batch_size):
