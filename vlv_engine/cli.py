@@ -21,7 +21,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 # arguments does not import diffusers (a test keeps the two equal).
 SAMPLER_NAMES = ["ddpm", "ddim", "dpm", "dpm-sde"]
 DECODER_NAMES = ["static", "compiled", "reference"]  # vlv_engine.engine.decode.DECODERS, likewise
-ENCODER_QUANT_NAMES = ["int8_dynamic"]  # vlv_engine.engine.encoder_quant.ENCODER_SCHEMES, likewise
+ENCODER_QUANT_NAMES = ["int8_dynamic", "bf16", "auto"]  # encoder_quant.ENCODER_PREFERENCES, likewise
 ENCODER_BACKEND_NAMES = ["eager", "auto", "compile", "triton"]  # encoder_select.ENCODER_PREFERENCES, likewise
 
 log = logging.getLogger("vlv")
@@ -317,8 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                                               "int8_dynamic, int4_cpu, int8_weight_only, int4_weight_only, fp8 "
                                               "(vlv_engine/engine/quantize.py)")
             p.add_argument("--encoder-quantize", choices=ENCODER_QUANT_NAMES,
-                           help="int8 linears in the encoder path: int8_dynamic (CPU, float32; nano Shapes World "
-                                "exact match 91.0 %% vs 91.6 %% in fp32)")
+                           help="reduced precision for Florence-2 in the encoder path (CPU, float32): "
+                                "int8_dynamic (int8 linears; nano Shapes World exact match 91.0 %% vs 91.6 %% in "
+                                "fp32), bf16 (CPUs with AMX or AVX512-BF16) or auto (bf16 with AMX, else int8)")
             p.add_argument("--decoder", default="static", choices=DECODER_NAMES,
                            help="the LLM decode loop: static (static KV cache, eager step; the default), "
                                 "compiled (the step under torch.compile: faster per token, compiles once per "

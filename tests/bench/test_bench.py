@@ -170,3 +170,15 @@ def test_encoder_batch_size_reaches_the_fast_engine():
 
     setup = build_setup("tiny", compile_decoder=False, encoder_backend="eager", encoder_batch_size=1)
     assert setup.fast.encoder_batch_size == 1 and setup.notes["encoder_batch_size"] == 1
+
+
+def test_the_setup_says_what_an_auto_encoder_scheme_took(monkeypatch):
+    from vlv_engine.bench.pipelines import build_setup
+    from vlv_engine.engine import encoder_quant
+
+    monkeypatch.setattr(encoder_quant, "cpu_bf16_units", lambda: "amx")
+    setup = build_setup("tiny", compile_decoder=False, encoder_backend="eager", encoder_quantize="auto")
+    assert setup.fast.encoder_quantize == "bf16" and setup.notes["encoder_quantize"] == "bf16 (auto)"
+    assert setup.reference.encoder_quantize is None
+    setup = build_setup("tiny", compile_decoder=False, encoder_backend="eager", encoder_quantize="int8_dynamic")
+    assert setup.notes["encoder_quantize"] == "int8_dynamic"

@@ -251,9 +251,9 @@ def _engine_kwargs(monkeypatch, argv):
 @pytest.mark.parametrize("command", ["caption", "eval", "serve"])
 def test_encoder_quantize_flag_reaches_the_engine(command, monkeypatch):
     from vlv_engine.cli import ENCODER_QUANT_NAMES, build_parser
-    from vlv_engine.engine.encoder_quant import ENCODER_SCHEMES
+    from vlv_engine.engine.encoder_quant import ENCODER_PREFERENCES
 
-    assert sorted(ENCODER_QUANT_NAMES) == sorted(ENCODER_SCHEMES)
+    assert sorted(ENCODER_QUANT_NAMES) == sorted(ENCODER_PREFERENCES)
     argv = COMMAND_ARGV[command]
     assert _engine_kwargs(monkeypatch, [*argv, "--encoder-quantize", "int8_dynamic"])["encoder_quantize"] \
         == "int8_dynamic"

@@ -146,6 +146,8 @@ def build_setup(preset: str, *, device: str | torch.device = "cpu", fast_dtype: 
     fast = Engine(model, device=device, dtype=fast_dtype, decoder="compiled" if compile_decoder else "static",
                   quantize=quantize, encoder_batch_size=encoder_batch_size, **enc_kwargs,
                   **({"encoder_quantize": encoder_quantize} if encoder_quantize else {}))
+    if encoder_quantize == "auto":  # what auto took on this machine
+        notes["encoder_quantize"] = f"{fast.encoder_quantize} (auto)"
     if enc_kwargs:
         notes["encoder_backend"] = fast.encoder_backend.name
     notes["encoder_batch_size"] = fast.encoder_batch_size

@@ -21,7 +21,7 @@ from vlv_engine.engine.backends.select import (BackendChoice, UNetRunner, build_
                                                build_vae_decoder_runner, select_backend)
 from vlv_engine.engine.decode import DECODERS, make_decoder, prepare_llm
 from vlv_engine.engine.encoder_path import build_encoder_path
-from vlv_engine.engine.encoder_quant import check_encoder_scheme, quantize_encoder
+from vlv_engine.engine.encoder_quant import check_encoder_scheme, quantize_encoder, resolve_encoder_scheme
 from vlv_engine.engine.encoder_select import select_encoder_backend
 from vlv_engine.engine.inplace_activations import inplace_mlp_activations
 from vlv_engine.engine.postprocess import official_postprocess
@@ -63,8 +63,10 @@ class Engine:
         self.quantize = quantize
         if quantize is not None:
             check_scheme(quantize, device)
-        # encoder_quantize: None or "int8_dynamic" (CPU, float32, eager encoder backend):
-        # the encoder's and bottleneck's linears in int8 (`vlv_engine.engine.encoder_quant`).
+        # encoder_quantize: None, "int8_dynamic" (Florence-2's linears in int8), "bf16"
+        # (Florence-2 in bfloat16, on CPUs with AMX or AVX512-BF16) or "auto" (bf16 with
+        # AMX, else int8): CPU, float32 engines (`vlv_engine.engine.encoder_quant`).
+        encoder_quantize = resolve_encoder_scheme(encoder_quantize)
         self.encoder_quantize = encoder_quantize
         if encoder_quantize is not None:
             encoder_backend = check_encoder_scheme(encoder_quantize, device, dtype, encoder_backend)

@@ -39,7 +39,10 @@ class VLVEncoder(nn.Module):
         return self.query_embed.shape[1]
 
     def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> [B, T_img, d_model] (T_img = (H/s)*(W/s) + 1)."""
+        """[B, 3, H, W] -> [B, T_img, d_model] (T_img = (H/s)*(W/s) + 1), in Florence-2's dtype."""
+        # Florence-2 may run in another dtype than the rest (the bf16 encoder scheme,
+        # `engine.encoder_quant`): the pixels enter in its dtype (a no-op when they agree).
+        pixel_values = pixel_values.to(next(self.florence.vision_tower.parameters()).dtype)
         feats = self.florence.vision_tower(pixel_values).last_hidden_state  # [B, C, h, w]
         # The tower returns a batch-dependent memory layout (channels-last strides for
         # B > 1); the projector's reductions then sum in a different order. A fixed
@@ -81,4 +84,5 @@ class VLVEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> projected queries [B, Nq, D_text], the text encoder's input."""
-        return self.language_proj(self.query_states(self.encoder_states(pixel_values)))
+        queries = self.query_states(self.encoder_states(pixel_values))
+        return self.language_proj(queries.to(self.query_embed.dtype))  # phi in its own dtype
