@@ -56,8 +56,14 @@ constexpr int kPrefetch = VLV_GEMV_PREFETCH;
 // Prefetching the weights further ahead into L2 only leaves L1 to x: measured on the
 // 2-core EPYC, down_proj went from ~25 to ~36 GB/s and the 3B shapes gained 20-60 %,
 // while narrow inputs (q/k/v, gate/up, lm_head) stay fastest with the near T0 hint.
-constexpr int64_t kWideInputBytes = 4096;
-constexpr int kWidePrefetch = 8192;
+#ifndef VLV_GEMV_WIDE_BYTES
+#define VLV_GEMV_WIDE_BYTES 4096
+#endif
+#ifndef VLV_GEMV_WIDE_PREFETCH
+#define VLV_GEMV_WIDE_PREFETCH 8192
+#endif
+constexpr int64_t kWideInputBytes = VLV_GEMV_WIDE_BYTES;
+constexpr int kWidePrefetch = VLV_GEMV_WIDE_PREFETCH;
 
 // U independent accumulators per row hide the FMA latency; every weight vector is
 // loaded and widened once for all R rows.
@@ -90,15 +96,62 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const float* x, int64_t x_str
   }
 }
 
+// The same loop on 16-lane vectors (AVX-512F): half the widening and FMA instructions
+// per weight byte. Measured on a 2-core AMX Xeon, the small preset's batch-1 step products
+// with the two loops alternating in one process: 28.9 ms (AVX-512) vs 30.6 ms (AVX2),
+// median of 16 each. The rest of the gap to the copy bandwidth is memory-level
+// parallelism per core, which the prefetch distances below tune (builds can set them).
+__attribute__((target("avx512f"))) inline __m512 widen16(const int8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
+
+template <int R, int U, int Hint, int Distance>
+__attribute__((target("avx512f"))) void rows_avx512(const float* x, int64_t x_stride, const int8_t* wrow,
+                                                     int64_t in, float* acc) {
+  __m512 a[R][U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u) a[r][u] = _mm512_setzero_ps();
+  constexpr int step = 16 * U;
+  int64_t i = 0;
+  for (; i + step <= in; i += step) {
+    for (int line = 0; line < step; line += 64)  // one prefetch per cache line of weights
+      _mm_prefetch(reinterpret_cast<const char*>(wrow + i + line) + Distance, static_cast<decltype(_MM_HINT_T0)>(Hint));
+    __m512 wv[U];
+    for (int u = 0; u < U; ++u) wv[u] = widen16(wrow + i + 16 * u);
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u)
+        a[r][u] = _mm512_fmadd_ps(wv[u], _mm512_loadu_ps(x + r * x_stride + i + 16 * u), a[r][u]);
+  }
+  for (; i + 16 <= in; i += 16) {
+    const __m512 wv = widen16(wrow + i);
+    for (int r = 0; r < R; ++r) a[r][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + r * x_stride + i), a[r][0]);
+  }
+  for (int r = 0; r < R; ++r) {
+    __m512 s = a[r][0];
+    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, a[r][u]);
+    float total = _mm512_reduce_add_ps(s);
+    for (int64_t j = i; j < in; ++j) total += x[r * x_stride + j] * static_cast<float>(wrow[j]);
+    acc[r] = total;
+  }
+}
+
 template <int R>
 void block(const float* x, int64_t x_stride, const int8_t* w, const float* scale, const float* bias, int64_t in,
            int64_t o0, int64_t o1, float* y, int64_t y_stride, GemvSimd simd) {
   float acc[R];
   for (int64_t o = o0; o < o1; ++o) {
     const int8_t* wrow = w + o * in;
-    if (simd == GemvSimd::Avx2) {
+    const bool wide = static_cast<int64_t>(sizeof(float)) * R * in > kWideInputBytes;
+    if (simd == GemvSimd::Avx512) {
       constexpr int U = R == 1 ? 4 : R == 2 ? 2 : 1;
-      if (static_cast<int64_t>(sizeof(float)) * R * in > kWideInputBytes)
+      if (wide)
+        rows_avx512<R, U, _MM_HINT_T1, kWidePrefetch>(x, x_stride, wrow, in, acc);
+      else
+        rows_avx512<R, U, _MM_HINT_T0, kPrefetch>(x, x_stride, wrow, in, acc);
+    } else if (simd == GemvSimd::Avx2) {
+      constexpr int U = R == 1 ? 4 : R == 2 ? 2 : 1;
+      if (wide)
         rows_avx2<R, U, _MM_HINT_T1, kWidePrefetch>(x, x_stride, wrow, in, acc);
       else
         rows_avx2<R, U, _MM_HINT_T0, kPrefetch>(x, x_stride, wrow, in, acc);
@@ -196,7 +249,8 @@ constexpr int64_t kTileMinRows = 3;
 // Output rows [o0, o1) for every input row.
 void compute(const float* x, int64_t rows, int64_t x_stride, const int8_t* w, const float* scale, const float* bias,
              int64_t in, int64_t o0, int64_t o1, float* y, int64_t y_stride, GemvSimd simd) {
-  if (simd == GemvSimd::Avx2 && rows >= kTileMinRows) {
+  // Many rows: the AVX2 tiles on AVX-512 machines too (compute-bound; not tuned for 16 lanes).
+  if (simd != GemvSimd::Scalar && rows >= kTileMinRows) {
     int64_t o = o0;
     for (; o + kTileCols <= o1; o += kTileCols)
       tile_column<kTileCols>(x, rows, x_stride, w, scale, bias, in, o, y, y_stride);
@@ -339,7 +393,10 @@ constexpr int64_t kSerialBytes = VLV_GEMV_SERIAL_BYTES;
 
 GemvSimd gemv_simd_level() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return GemvSimd::Avx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    if (__builtin_cpu_supports("avx512f")) return GemvSimd::Avx512;
+    return GemvSimd::Avx2;
+  }
   return GemvSimd::Scalar;
 }
 

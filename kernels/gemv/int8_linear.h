@@ -6,8 +6,8 @@
 // PyTorch's CPU int8 weight-only path dequantizes the whole matrix to float before the
 // product on machines without AVX512-VNNI, reading and writing more bytes than fp32.
 // This kernel widens each int8 weight in registers (AVX2 + FMA) right before its
-// multiply-add, so each weight byte crosses the memory bus once per call whatever the
-// number of rows. From 3 rows on (beams, batches, a prefill) the product turns
+// multiply-add (16 at a time on AVX-512 CPUs), so each weight byte crosses the memory bus
+// once per call whatever the number of rows. From 3 rows on (beams, batches, a prefill) the product turns
 // compute-bound, and tiles of 4 input x 3 output rows keep both FMA pipes busy.
 #pragma once
 
@@ -15,9 +15,9 @@
 
 namespace vlv {
 
-enum class GemvSimd { Scalar = 0, Avx2 = 1 };
+enum class GemvSimd { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
-// The best implementation this CPU runs.
+// The best implementation this CPU runs (AVX-512 needs AVX2 + FMA too: the tiles are AVX2).
 GemvSimd gemv_simd_level();
 
 // x [rows, in] fp32 (row stride x_stride), w [out, in] int8 row-major, scale [out],

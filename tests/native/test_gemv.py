@@ -35,6 +35,43 @@ def test_matches_reference(rows, k, n, with_bias):
     assert rel_err(out, gemv.int8_weight_linear_reference(x, q, scale, bias)) < 1e-5
 
 
+LEVELS = ("scalar", "avx2", "avx512")  # lowest first, as the kernel ranks them
+
+
+def _runs(level: str) -> bool:
+    best = gemv.simd_level()
+    return LEVELS.index(level) <= LEVELS.index(best)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("rows,k,n", [(1, 4869, 96), (2, 1030, 33), (1, 37, 11), (1, 896, 4864), (2, 100, 33),
+                                      (3, 64, 17)])
+def test_every_instruction_set_matches_reference(level, rows, k, n):
+    """Each loop the kernel has (16-lane AVX-512, 8-lane AVX2, scalar), each on the shapes
+    that take its row loop, vector tails and far prefetching; the module picks the best."""
+    if not _runs(level):
+        pytest.skip(f"this CPU runs up to {gemv.simd_level()}, not {level}")
+    module = gemv._load()[0]
+    g = torch.Generator().manual_seed(rows * 1000 + k + n)
+    q, scale = gemv.quantize_rows(torch.randn(n, k, generator=g))
+    x, bias = torch.randn(rows, k, generator=g), torch.randn(n, generator=g)
+    y = torch.empty(rows, n)
+    module.int8_linear(x.numpy(), q.numpy(), scale.numpy(), bias.numpy(), y.numpy(), 2, level)
+    assert rel_err(y, gemv.int8_weight_linear_reference(x, q, scale, bias)) < 1e-5
+
+
+def test_instruction_sets_are_named_and_capped_by_the_cpu():
+    module = gemv._load()[0]
+    assert gemv.simd_level() in LEVELS
+    x, q, scale, y = torch.randn(1, 16), torch.ones(4, 16, dtype=torch.int8), torch.ones(4), torch.empty(1, 4)
+    with pytest.raises(ValueError, match="choose best, avx512, avx2 or scalar"):
+        module.int8_linear(x.numpy(), q.numpy(), scale.numpy(), None, y.numpy(), 1, "sse9")
+    above = [lv for lv in LEVELS if not _runs(lv)]
+    for level in above:
+        with pytest.raises(ValueError, match="this CPU's best is"):
+            module.int8_linear(x.numpy(), q.numpy(), scale.numpy(), None, y.numpy(), 1, level)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_threads_and_leading_dims(threads):
     before = torch.get_num_threads()

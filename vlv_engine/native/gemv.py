@@ -57,6 +57,7 @@ def unavailable_reason() -> str:
 
 
 def simd_level() -> str | None:
+    """The kernel's row loop on this CPU: "avx512", "avx2" or "scalar" (None: not built)."""
     module = _load()[0]
     return None if module is None else module.simd_level()
 
