@@ -5,10 +5,10 @@
 // weight once, so its time is the bytes read. int8 weights are a quarter of fp32's, but
 // PyTorch's CPU int8 weight-only path dequantizes the whole matrix to float before the
 // product on machines without AVX512-VNNI, reading and writing more bytes than fp32.
-// This kernel widens each int8 weight in registers (AVX2 + FMA) right before its
-// multiply-add (16 at a time on AVX-512 CPUs), so each weight byte crosses the memory bus
-// once per call whatever the number of rows. From 3 rows on (beams, batches, a prefill) the product turns
-// compute-bound, and tiles of 4 input x 3 output rows keep both FMA pipes busy.
+// This kernel widens each int8 weight in registers (AVX2 + FMA; 16 at a time on AVX-512
+// CPUs) right before its multiply-add, so each weight byte crosses the memory bus once per
+// call whatever the number of rows. From 3 rows on (beams, batches, a prefill) the product
+// turns compute-bound, and tiles of 4 input x 3 output rows keep both FMA pipes busy.
 #pragma once
 
 #include <cstdint>

@@ -29,7 +29,7 @@ const char* level_name(vlv::GemvSimd level) {
 
 // "best": what this CPU runs best; a lower level by name (tests compare them).
 vlv::GemvSimd parse_level(const std::string& name) {
-  const vlv::GemvSimd best = vlv::gemv_simd_level();
+  static const vlv::GemvSimd best = vlv::gemv_simd_level();  // every call asks (~170 a decode token)
   if (name == "best") return best;
   for (vlv::GemvSimd level : {vlv::GemvSimd::Scalar, vlv::GemvSimd::Avx2, vlv::GemvSimd::Avx512}) {
     if (name != level_name(level)) continue;
