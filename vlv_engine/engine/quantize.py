@@ -66,7 +66,7 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme("int4_weight_only", ("cuda",), torch.bfloat16, (8, 0), True, "int4 weights (tinygemm), bf16 activations"),
     Scheme("fp8", ("cuda",), torch.bfloat16, (8, 9), False, "float8 e4m3 weights and dynamic activations"),
     Scheme("int4_cpu", ("cpu",), torch.bfloat16, None, True, "int4 weights (prototype CPU layout), bf16 activations"),
-    Scheme("int8_cpu", ("cpu",), torch.float32, None, False, "int8 weights (per row, native AVX2 kernel), fp32 "
+    Scheme("int8_cpu", ("cpu",), torch.float32, None, False, "int8 weights (per row, native AVX-512/AVX2 kernel), fp32 "
            "activations"),
     Scheme("int8_dynamic_cpu", ("cpu",), torch.float32, None, False, "int8 weights (per row) and dynamic int8 "
            "activations (per tensor), PyTorch's fbgemm kernels"),
