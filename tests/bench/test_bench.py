@@ -111,12 +111,43 @@ def test_suites_on_tiny(tiny_setup):
         assert r.fast > 0 and r.reference > 0 and r.ratio > 0
     fast_rows = [r for r in rows if r.metric == "ms/token" and r.extra["path"].startswith("fast")]
     assert all(r.extra["token_match"] == 1.0 for r in fast_rows)
+    # Teacher-forced agreement at the smallest batch only: exact for the fp32 fast path, a
+    # finite SQNR for int8 dynamic (its logits differ).
+    first = [r for r in rows if r.metric == "ms/token" and r.batch == 1]
+    fast1 = next(r for r in first if r.extra["path"].startswith("fast"))
+    assert fast1.extra["tf_top1"] == 1.0 and fast1.extra["logit_sqnr_db"] > 80
+    int8 = next(r for r in first if r.extra["path"].startswith("int8_dynamic"))
+    assert 0.0 <= int8.extra["tf_top1"] <= 1.0 and 5 < int8.extra["logit_sqnr_db"] < 80
+    assert all("tf_top1" not in r.extra for r in rows if r.metric == "ms/token" and r.batch == 2)
     rows = run_encoder(tiny_setup, [1, 2], repeats=1)
     assert [r.metric for r in rows] == ["latency p50", "throughput", "throughput"]
     assert float(rows[0].extra["rel_err"]) < 1e-5
     rows = run_e2e(tiny_setup, [1, 2], repeats=2)
     assert {r.metric for r in rows} == {"captions/s", "latency p50", "latency p95"}
     assert all(r.extra["token_match"] == 1.0 for r in rows if r.metric == "captions/s")
+
+
+def test_teacher_forced_logits_reproduce_greedy_tokens(tiny_setup):
+    """Greedy tokens are the argmax of their own model's teacher-forced logits, position by
+    position (an off-by-one in the feeding would shift every choice)."""
+    from vlv_engine.bench.decode import logit_agreement, teacher_forced_logits
+    from vlv_engine.config import GenerationConfig
+
+    s = tiny_setup
+    llm = s.reference_decoder.llm
+    text = llm.config.get_text_config(decoder=True)
+    prefix = torch.randn(3, s.reference.config.encoder.num_queries, text.hidden_size,
+                         generator=torch.Generator().manual_seed(5)) * 3
+    ids = s.reference_decoder.generate(prefix, GenerationConfig(max_new_tokens=9, num_beams=1),
+                                       eos_token_id=s.never_eos, pad_token_id=0)
+    logits = teacher_forced_logits(llm, prefix, ids)
+    assert logits.shape == (3, 9, text.vocab_size) and logits.dtype == torch.float32
+    assert torch.equal(logits.argmax(-1), ids)
+    fast = teacher_forced_logits(s.fast_decoder.llm, prefix, ids)  # fused projections, its attention
+    assert logit_agreement(fast, logits)["tf_top1"] == 1.0
+    assert logit_agreement(logits, logits) == {"tf_top1": 1.0, "logit_sqnr_db": float("inf")}
+    noisy = logits + 0.1 * logits.norm() / logits.numel() ** 0.5 * torch.randn(logits.shape)
+    assert logit_agreement(noisy, logits)["logit_sqnr_db"] == pytest.approx(20.0, abs=0.3)
 
 
 def test_decode_variants_run_as_the_fast_path_does(tiny_setup):

@@ -5,6 +5,17 @@ A step's time is (t(n2 tokens) - t(n1 tokens)) / (n2 - n1) for one call decoding
 fixed number of tokens (EOS never emitted), so the prefill and per-call setup cancel.
 The bound: a step reads every weight once (`decode_weight_bytes`), so it cannot take less
 than weight bytes / the bandwidth of a large copy measured on the same machine.
+
+Agreement with the reference, per row:
+* `token_match`: the free-running tokens, position by position. Once a path picks one other
+  token it goes on from another text, so after the first difference this counts the
+  divergence, not the agreement. Random weights make it fall fast: their next-token logits
+  are nearly flat (the top two a few hundredths apart on the small preset), so any
+  quantization noise flips a token early.
+* `tf_top1` and `logit_sqnr_db`: both LLMs fed the reference's own tokens, one token per
+  step from a static cache as the decode loop runs them; the share of positions where the
+  two choose the same next token, and the SQNR of the path's logits against the
+  reference's. These measure each step's error apart from what came before it.
 """
 
 from __future__ import annotations
@@ -17,7 +28,8 @@ from vlv_engine.bench.measure import time_calls
 from vlv_engine.bench.pipelines import BenchSetup, token_match
 from vlv_engine.bench.report import Row
 from vlv_engine.config import GenerationConfig
-from vlv_engine.engine.decode import StaticDecoder, prepare_llm
+from vlv_engine.engine.decode import (StaticDecoder, allocate_cache, decode_step, decode_threads, prefill,
+                                      prepare_llm)
 from vlv_engine.engine.quantize import decode_weight_bytes, quantize_llm
 
 
@@ -94,6 +106,36 @@ def _gpu_work_per_step(decoder, prefix: torch.Tensor, n1: int, n2: int, eos: int
     return (round(per_step, 3) if per_step > 0 else None), round((counts[1] - counts[0]) / (n2 - n1), 1)
 
 
+AGREEMENT_ROWS = 4  # rows of the smallest batch whose teacher-forced agreement is measured
+
+
+@torch.no_grad()
+def teacher_forced_logits(llm, prefix: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[B, T, V] fp32: the next-token logits `llm` gives at each of the T positions of `ids`
+    [B, T], fed the [B, Nq, H] prefix and then ids[:, :t], one token per step from a static
+    cache (as the decode loop runs: a path whose activations are quantized per tensor sees
+    one row per step here too, not a whole sequence). Greedy ids are the argmax of their
+    own model's logits here."""
+    n, nq, _ = prefix.shape
+    cache = allocate_cache(llm, n, nq + ids.shape[1])
+    ids = ids.to(llm.device)
+    out = [prefill(llm, cache, prefix.to(device=llm.device, dtype=llm.dtype))]
+    for t in range(ids.shape[1] - 1):
+        position = torch.tensor([nq + t], device=llm.device)
+        out.append(decode_step(llm, cache, ids[:, t:t + 1], position))
+    return torch.stack(out, dim=1)
+
+
+def logit_agreement(logits: torch.Tensor, ref_logits: torch.Tensor) -> dict:
+    """tf_top1: share of positions with the same argmax; logit_sqnr_db: SQNR of `logits`
+    against `ref_logits` (both [B, T, V])."""
+    logits, ref_logits = logits.double().cpu(), ref_logits.double().cpu()
+    noise = (ref_logits - logits).norm()
+    sqnr = float("inf") if noise == 0 else float(20 * torch.log10(ref_logits.norm() / noise))
+    return {"tf_top1": round(float((logits.argmax(-1) == ref_logits.argmax(-1)).double().mean()), 3),
+            "logit_sqnr_db": round(sqnr, 1)}
+
+
 def run_decode(setup: BenchSetup, batches: list[int], *, repeats: int, bandwidth: float,
                schemes: list[str] | None = None, dtype: torch.dtype | None = None, compile: bool = True,
                on_row=lambda row: None) -> list[Row]:
@@ -110,6 +152,7 @@ def run_decode(setup: BenchSetup, batches: list[int], *, repeats: int, bandwidth
         prefix = (torch.randn(batch, nq, hidden, generator=g) * 3).to(setup.device)  # [B, Nq, H]
         ref_s, ref_ids = _step_seconds(setup.reference_decoder, prefix, n1, n2, setup.never_eos,
                                        repeats, setup.device)
+        ref_logits = None
         for label, decoder in decoders.items():
             if decoder is not setup.fast_decoder and batch != batches[0]:
                 continue  # extra schemes at the smallest batch only (each bucket compiles)
@@ -121,6 +164,13 @@ def run_decode(setup: BenchSetup, batches: list[int], *, repeats: int, bandwidth
                      "bw_bound_pct": round(100 * bound_s / fast_s, 1),
                      "ref_bw_bound_pct": round(100 * (ref_bytes / bandwidth) / ref_s, 1),
                      "token_match": round(token_match(ids, ref_ids), 3)}
+            if batch == batches[0]:
+                agree_prefix, agree_ids = prefix[:AGREEMENT_ROWS], ref_ids[:AGREEMENT_ROWS]
+                if ref_logits is None:
+                    ref_logits = teacher_forced_logits(ref_llm, agree_prefix, agree_ids)
+                with decode_threads(decoder.llm):
+                    extra.update(logit_agreement(teacher_forced_logits(decoder.llm, agree_prefix, agree_ids),
+                                                 ref_logits))
             if getattr(decoder, "capture", False):  # the decoder's own CUDA graphs: did they capture?
                 failures = list(decoder.capture_failures.values())
                 extra["cuda_graph"] = f"capture failed: {failures[0]}" if failures else "captured"

@@ -119,6 +119,17 @@ def cache_keyword(llm: PreTrainedModel) -> str:
     return name
 
 
+def allocate_cache(llm: PreTrainedModel, rows: int, max_cache_len: int) -> StaticCache:
+    """A static KV cache of `rows` x `max_cache_len` on the LLM's device, in its activations'
+    dtype, allocated now (not lazily inside a forward): fixed addresses from the start."""
+    cache = StaticCache(config=llm.config, max_cache_len=max_cache_len)
+    text = llm.config.get_text_config(decoder=True)
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    cache.early_initialization(rows, heads, head_dim, dtype=llm.dtype, device=llm.device)
+    return cache
+
+
 def prefill(llm: PreTrainedModel, cache: StaticCache, prefix: torch.Tensor) -> torch.Tensor:
     """Run the [R, Nq, H] prefix into an empty (reset) cache; next-token logits [R, V] fp32."""
     nq = prefix.shape[1]
@@ -207,6 +218,17 @@ class ReferenceDecoder:
     def generate(self, prefix: torch.Tensor, gen: GenerationConfig, *, eos_token_id: int | None,
                  pad_token_id: int | None) -> torch.Tensor:
         return generate_reference(self.llm, prefix, gen, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
+def decode_threads(llm: PreTrainedModel):
+    """The thread policy of a decode loop, a context: with our int8 CPU kernel, the cores go
+    to its pool and torch's own ops run on one thread (`gemv.kernel_threads`); otherwise
+    torch's."""
+    if getattr(llm, "vlv_quantization", None) in NATIVE_SCHEMES and llm.device.type == "cpu":
+        from vlv_engine.native.gemv import kernel_threads
+
+        return kernel_threads()
+    return contextlib.nullcontext()
 
 
 def cuda_step_options(scheme: str | None, *, inductor_graphs: bool = False) -> dict:
@@ -302,13 +324,7 @@ class StaticDecoder:
         key = self._key(rows, max_cache_len)
         cache = store.get(key)
         if cache is None:
-            cache = StaticCache(config=self.llm.config, max_cache_len=max_cache_len)
-            text = self.llm.config.get_text_config(decoder=True)
-            heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-            # Allocate now (not lazily inside a forward): fixed addresses from the start.
-            cache.early_initialization(rows, heads, head_dim, dtype=self.llm.dtype, device=self.llm.device)
-            store[key] = cache
+            cache = store[key] = allocate_cache(self.llm, rows, max_cache_len)
             while len(store) > self.max_caches:
                 evicted, _ = store.popitem(last=False)
                 if store is self._caches:
@@ -375,15 +391,6 @@ class StaticDecoder:
                         "without it", reason)
             return None
 
-    def _threads(self):
-        """The thread policy of the loop: with our int8 CPU kernel, the cores go to its pool
-        and torch's own ops run on one thread (`gemv.kernel_threads`); otherwise torch's."""
-        if getattr(self.llm, "vlv_quantization", None) in NATIVE_SCHEMES and self.llm.device.type == "cpu":
-            from vlv_engine.native.gemv import kernel_threads
-
-            return kernel_threads()
-        return contextlib.nullcontext()
-
     # ------------------------------------------------------------------ generate
 
     @torch.no_grad()
@@ -396,7 +403,7 @@ class StaticDecoder:
         pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
         prefix = prefix.to(self.llm.dtype)
         largest = self.batch_buckets[-1]
-        with self._threads():
+        with decode_threads(self.llm):
             outs = [self._generate_bucket(prefix[lo:lo + largest], gen, eos_token_id, pad)
                     for lo in range(0, prefix.shape[0], largest)]
         if not outs:
