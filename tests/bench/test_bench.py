@@ -180,6 +180,31 @@ def test_cli_bench_nano_decode(tmp_path, capsys):
     assert "preprocess" in data["results"][-1]["suite"] or "preprocess" in data["skipped"]
 
 
+def test_decode_rows_reach_the_json_while_the_suite_runs(tmp_path):
+    """A run stopped from outside (a device's time limit) keeps each decode row measured so
+    far in its JSON, marked incomplete; a finished suite drops the mark."""
+    from vlv_engine.bench.runner import BenchOptions, run_bench
+
+    path = tmp_path / "bench_nano.json"
+    seen = []
+
+    def log(msg):
+        if msg.startswith("decode: ms/token"):
+            data = json.loads(path.read_text())
+            seen.append(([r["extra"]["path"] for r in data["results"] if r["metric"] == "ms/token"],
+                         data["skipped"].get("decode", "")))
+
+    opts = BenchOptions(preset="nano", suites=("decode",), batch_sizes=(1,), repeats=1, new_tokens=4,
+                        compile_decoder=False, out=tmp_path, decode_schemes=("int8_dynamic",), threads=1)
+    result = run_bench(opts, log=log)
+    assert len(seen) == 2
+    assert len(seen[0][0]) == 1 and len(seen[1][0]) == 2 and seen[1][0][1].startswith("int8_dynamic")
+    assert all(why.startswith("incomplete") for _, why in seen)
+    final = json.loads(path.read_text())
+    assert "decode" not in final["skipped"] and len(final["results"]) == len(result.rows) == 4
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_cli_bench_bad_input(capsys):
     from vlv_engine.cli import main
 

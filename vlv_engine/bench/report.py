@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,7 +60,11 @@ def write_json(path: Path, *, machine: dict, options: dict, rows: list[Row], ski
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"machine": machine, "options": options, "setup": setup, "skipped": skipped,
             "results": [r.to_dict() for r in rows]}
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    # Whole or not at all: the JSON is rewritten while a suite runs, and a run stopped from
+    # outside mid-write must leave the last whole one.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
     return path
 
 

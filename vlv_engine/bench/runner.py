@@ -95,6 +95,18 @@ def run_bench(opts: BenchOptions, log=lambda msg: None) -> BenchResult:
                             num_beams=opts.num_beams, encoder_backend=opts.encoder_backend, seed=opts.seed,
                             encoder_batch_size=opts.encoder_batch_size)
         setup_info = setup.describe()
+    def save(partial: list[Row] = (), running: str | None = None) -> None:
+        """The JSON so far; while a suite runs (`running`), with the rows it has measured
+        (`partial`) and a note that it has not ended, so a run stopped from outside keeps
+        them too."""
+        if opts.out is None:
+            return
+        why = dict(skipped)
+        if running is not None:
+            why[running] = "incomplete: the run stopped before this suite ended (only its rows so far)"
+        write_json(Path(opts.out) / f"bench_{opts.preset}.json", machine=machine, options=opts.to_dict(),
+                   rows=rows + list(partial), skipped=why, setup=setup_info)
+
     for suite in opts.suites:
         if over_time():
             skipped[suite] = f"time limit of {opts.time_limit_s:.0f} s reached"
@@ -102,17 +114,22 @@ def run_bench(opts: BenchOptions, log=lambda msg: None) -> BenchResult:
             continue
         t = time.perf_counter()
         log(f"{suite}: running...")
+        partial: list[Row] = []
+
+        def on_row(row: Row, suite=suite, partial=partial) -> None:
+            partial.append(row)
+            save(partial, suite)
+            log(_row_line(row))
+
         try:
-            new = _run_suite(suite, opts, setup, device, batches, bandwidth, fast_dtype, log)
+            new = _run_suite(suite, opts, setup, device, batches, bandwidth, fast_dtype, on_row)
         except _Skip as why:
             skipped[suite] = str(why)
             log(f"{suite}: skipped ({why})")
             continue
         rows += new
         log(f"{suite}: done in {time.perf_counter() - t:.0f} s")
-        if opts.out is not None:  # after each suite: a run stopped from outside keeps what it measured
-            write_json(Path(opts.out) / f"bench_{opts.preset}.json", machine=machine, options=opts.to_dict(),
-                       rows=rows, skipped=skipped, setup=setup_info)
+        save()  # after each suite: a run stopped from outside keeps what it measured
     table = format_table(rows)
     json_path = plot_path = None
     if opts.out is not None:
@@ -136,7 +153,9 @@ def _row_line(row: Row) -> str:
             + ", ".join(f"{k}={v}" for k, v in row.extra.items()))
 
 
-def _run_suite(suite, opts, setup, device, batches, bandwidth, fast_dtype, log=lambda msg: None) -> list[Row]:
+def _run_suite(suite, opts, setup, device, batches, bandwidth, fast_dtype, on_row=lambda row: None) -> list[Row]:
+    """One suite's rows; `on_row` sees each row as it is measured (the decode suite's, whose
+    rows can be minutes apart on a GPU: each quantization scheme compiles)."""
     if suite == "encoder":
         from vlv_engine.bench.encoder import run_encoder
 
@@ -147,7 +166,7 @@ def _run_suite(suite, opts, setup, device, batches, bandwidth, fast_dtype, log=l
         dtype = fast_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         return run_decode(setup, batches, repeats=opts.repeats, bandwidth=bandwidth,
                           schemes=list(opts.decode_schemes), dtype=dtype, compile=opts.compile_decoder,
-                          on_row=lambda row: log(_row_line(row)))
+                          on_row=on_row)
     if suite == "e2e":
         from vlv_engine.bench.e2e import run_e2e
 
