@@ -1,5 +1,7 @@
 """Static caches: bucketing, reuse across calls, in-place beam reordering, batch invariance."""
 
+import copy
+
 import pytest
 import torch
 from decode_helpers import EOS, PAD, prefixes
@@ -158,3 +160,25 @@ def test_the_cache_goes_by_the_models_own_keyword(llm):
             raise AssertionError("not called")
 
     assert cache_keyword(OldForward()) == "past_key_values"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_feeds_the_lm_head_one_contiguous_row_per_image(llm, dtype):
+    """The prefill's logits come from a contiguous [R, 1, H] gather of the last position: a
+    linear layer on a strided view ([R, 1, H] of the [R, Nq, H] hidden states) runs as a
+    batched product over the vocabulary table expanded R times, which a CPU copies (seconds
+    and gigabytes in bf16 at real vocabulary sizes). Its logits are the full forward's last."""
+    from vlv_engine.engine.decode import allocate_cache
+
+    model = copy.deepcopy(llm).to(dtype)
+    x = prefixes(5, 2).to(dtype)
+    seen = []
+    model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, args: seen.append((tuple(args[0].shape), args[0].is_contiguous())))
+    logits = prefill(model, allocate_cache(model, 5, 64), x)
+    assert seen == [((5, 1, x.shape[-1]), True)]
+    seen.clear()
+    with torch.no_grad():
+        want = model(inputs_embeds=x, use_cache=False).logits[:, -1].float()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(logits, want, rtol=tol, atol=tol * want.abs().max().item())

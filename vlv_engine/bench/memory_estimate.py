@@ -33,7 +33,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from vlv_engine.engine.decode import DEFAULT_LENGTH_MULTIPLE, bucket_batch, cache_keyword, prepare_llm, round_up
+from vlv_engine.engine.decode import DEFAULT_LENGTH_MULTIPLE, bucket_batch, prefill, prepare_llm, round_up
 from vlv_engine.engine.engine import ENCODER_PIXELS
 from vlv_engine.engine.inplace_activations import inplace_mlp_activations
 from vlv_engine.engine.unread_tables import unread_tables
@@ -112,14 +112,9 @@ def estimate(preset: str = "paper", *, batch: int = 8, beams: int | None = None,
     cache = StaticCache(config=llm.config, max_cache_len=length)
     cache.early_initialization(rows, heads, head_dim, dtype=dtype, device="meta")
     prefix = torch.empty(rows, nq, text.hidden_size, device="meta", dtype=dtype)
-    position_ids = torch.arange(nq, device="meta").unsqueeze(0)
 
-    def prefill(x):
-        return llm(inputs_embeds=x, position_ids=position_ids, use_cache=True, logits_to_keep=1,
-                   **{cache_keyword(llm): cache}).logits
-
-    prefill_peak = peak_bytes(prefill, prefix, ignore=[*weights, *(t for layer in cache.layers
-                                                                    for t in (layer.keys, layer.values))])
+    cache_buffers = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    prefill_peak = peak_bytes(lambda x: prefill(llm, cache, x), prefix, ignore=[*weights, *cache_buffers])
     host = {id(p): p for table in unread_tables(model) for p in table.parameters()}  # tied tables once
     encoder_weights = sum(_param_bytes(m, dtype, host) for m in (model.encoder, model.bottleneck))
     llm_weights = llm_weight_bytes(llm, dtype, quantize)

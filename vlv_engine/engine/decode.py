@@ -10,7 +10,7 @@ does it in the gpt-fast way, with transformers' own model forward:
    Nq + max_new_tokens rounded up to `length_multiple`, so a steady workload reuses a
    few buffers and a compiled step sees a few static shapes.
 2. **Prefill.** The [B, Nq, H] prefix in one forward (`inputs_embeds`, positions
-   0..Nq-1, `logits_to_keep=1`), eager (it runs once per call). Beam search prefills each
+   0..Nq-1, logits of the last position only), eager (it runs once per call). Beam search prefills each
    image once and copies its keys/values to its K beam rows (HF prefills K copies).
 3. **Decode step.** `decode_step(llm, cache, input_ids [R, 1], cache_position [1]) ->
    logits [R, V]` (fp32): fixed shapes, the position is a tensor, the cache is written in
@@ -134,7 +134,13 @@ def prefill(llm: PreTrainedModel, cache: StaticCache, prefix: torch.Tensor) -> t
     """Run the [R, Nq, H] prefix into an empty (reset) cache; next-token logits [R, V] fp32."""
     nq = prefix.shape[1]
     position_ids = torch.arange(nq, device=prefix.device).unsqueeze(0)  # [1, Nq]
-    out = llm(inputs_embeds=prefix, position_ids=position_ids, use_cache=True, logits_to_keep=1,
+    # The last position by index, not `logits_to_keep=1`: HF then slices the hidden states
+    # to a [R, 1, H] view with the prefix's row stride, and a linear layer on a strided 3-D
+    # input runs as a batched product over the weight expanded R times. A CPU copies that
+    # expansion (R x the vocabulary table: 4.9 s and 2.2 GB at 8 rows of the small preset
+    # in bf16, 165 ms against 65 in fp32). Indexing gathers a contiguous [R, 1, H].
+    last = torch.tensor([nq - 1], device=prefix.device)
+    out = llm(inputs_embeds=prefix, position_ids=position_ids, use_cache=True, logits_to_keep=last,
               **{cache_keyword(llm): cache})
     return out.logits[:, -1].to(torch.float32)
 
