@@ -95,17 +95,18 @@ def run_bench(opts: BenchOptions, log=lambda msg: None) -> BenchResult:
                             num_beams=opts.num_beams, encoder_backend=opts.encoder_backend, seed=opts.seed,
                             encoder_batch_size=opts.encoder_batch_size)
         setup_info = setup.describe()
-    def save(partial: list[Row] = (), running: str | None = None) -> None:
+
+    def save(partial: list[Row] = (), running: str | None = None) -> Path | None:
         """The JSON so far; while a suite runs (`running`), with the rows it has measured
         (`partial`) and a note that it has not ended, so a run stopped from outside keeps
         them too."""
         if opts.out is None:
-            return
+            return None
         why = dict(skipped)
         if running is not None:
             why[running] = "incomplete: the run stopped before this suite ended (only its rows so far)"
-        write_json(Path(opts.out) / f"bench_{opts.preset}.json", machine=machine, options=opts.to_dict(),
-                   rows=rows + list(partial), skipped=why, setup=setup_info)
+        return write_json(Path(opts.out) / f"bench_{opts.preset}.json", machine=machine, options=opts.to_dict(),
+                          rows=rows + list(partial), skipped=why, setup=setup_info)
 
     for suite in opts.suites:
         if over_time():
@@ -131,13 +132,10 @@ def run_bench(opts: BenchOptions, log=lambda msg: None) -> BenchResult:
         log(f"{suite}: done in {time.perf_counter() - t:.0f} s")
         save()  # after each suite: a run stopped from outside keeps what it measured
     table = format_table(rows)
-    json_path = plot_path = None
+    json_path, plot_path = save(), None
     if opts.out is not None:
-        out = Path(opts.out)
-        json_path = write_json(out / f"bench_{opts.preset}.json", machine=machine, options=opts.to_dict(), rows=rows,
-                               skipped=skipped, setup=setup_info)
-        plot_path = plot_throughput(out / f"bench_{opts.preset}.png", rows, f"vlv bench --preset {opts.preset} "
-                                    f"({machine['gpu'] or machine['cpu']})")
+        plot_path = plot_throughput(Path(opts.out) / f"bench_{opts.preset}.png", rows,
+                                    f"vlv bench --preset {opts.preset} ({machine['gpu'] or machine['cpu']})")
     return BenchResult(rows, skipped, machine, setup_info, table, json_path, plot_path)
 
 
