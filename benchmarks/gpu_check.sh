@@ -31,7 +31,7 @@
 # (default .whl; transformers, diffusers, torchao, ...) are installed with --no-index into a
 # folder under /tmp and put on PYTHONPATH with the repository root
 # (`bash benchmarks/gpu_wheels.sh` gathers them where the package registry is reachable).
-# Time: the steps' limits add up to ~23 minutes; the whole check ends within --deadline S
+# Time: the steps' limits add up to ~27 minutes; the whole check ends within --deadline S
 # seconds (default 1140: under 20 minutes). Each step gets what is left, in the order above
 # (most wanted first), and a step that would get under 40 s is skipped and says so. A
 # 15-minute lease (~1 minute to start) fits ~780 s of checks, but one command may run 10
