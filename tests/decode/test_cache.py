@@ -177,7 +177,6 @@ def test_prefill_feeds_the_lm_head_one_contiguous_row_per_image(llm, dtype):
         lambda module, args: seen.append((tuple(args[0].shape), args[0].is_contiguous())))
     logits = prefill(model, allocate_cache(model, 5, 64), x)
     assert seen == [((5, 1, x.shape[-1]), True)]
-    seen.clear()
     with torch.no_grad():
         want = model(inputs_embeds=x, use_cache=False).logits[:, -1].float()
     tol = 1e-5 if dtype == torch.float32 else 2e-2

@@ -10,8 +10,9 @@ does it in the gpt-fast way, with transformers' own model forward:
    Nq + max_new_tokens rounded up to `length_multiple`, so a steady workload reuses a
    few buffers and a compiled step sees a few static shapes.
 2. **Prefill.** The [B, Nq, H] prefix in one forward (`inputs_embeds`, positions
-   0..Nq-1, logits of the last position only), eager (it runs once per call). Beam search prefills each
-   image once and copies its keys/values to its K beam rows (HF prefills K copies).
+   0..Nq-1, logits of the last position only), eager (it runs once per call). Beam
+   search prefills each image once and copies its keys/values to its K beam rows (HF
+   prefills K copies).
 3. **Decode step.** `decode_step(llm, cache, input_ids [R, 1], cache_position [1]) ->
    logits [R, V]` (fp32): fixed shapes, the position is a tensor, the cache is written in
    place.
