@@ -94,7 +94,7 @@ class SidecarOutput:
         manifest.commit(Commit.empty(), forget={self.stream: sorted(item_ids)})
 
     def close(self, manifest: Manifest) -> None:
-        pass
+        """Nothing to finish: each sidecar was complete and synced when written."""
 
 
 class TarOutput:
@@ -236,7 +236,7 @@ class StreamOutput:
         self.fp = fp
 
     def open(self, manifest: Manifest) -> None:
-        pass
+        """Nothing to reconcile: a stream keeps no state between runs."""
 
     def write(self, entries: list[tuple[Item, dict[str, Any]]]) -> dict[str, Any]:
         self.fp.write(encode_lines([r for _, r in entries]).decode("utf-8"))
@@ -244,7 +244,7 @@ class StreamOutput:
         return {}
 
     def remove(self, manifest: Manifest, item_ids: set[str]) -> None:
-        pass
+        """Lines already written cannot be taken back; a rerun writes the new captions."""
 
     def close(self, manifest: Manifest) -> None:
-        pass
+        """Nothing to finish: every batch was flushed when written."""
