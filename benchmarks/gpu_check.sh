@@ -7,6 +7,8 @@
 #            test whose id names cuda (compiled Triton kernels, CUDA graphs of the encoder
 #            segment and of the quantized and bf16 decode step, int4 / fp8 / int8 on CUDA,
 #            the native CUDA preprocess kernels), slow ones included; --test-paths narrows it;
+#            each test's outcome is logged as it happens, so with --skip-done a run cut off
+#            by its limit goes on with the tests it had not finished;
 #   decode   `vlv bench --preset paper --suites decode`: bf16 and int4 at batch 1 (ms/token,
 #            tokens/s, % of the bandwidth bound, agreement) beside HF fp32, and bf16 under
 #            inductor's CUDA graphs instead of the captured token steps (an A/B; its
@@ -169,15 +171,25 @@ sys.exit(any('time limit' in why for why in s.values()))" "$OUT/$name/bench_$PRE
 L_TESTS=$(fit "$L_TESTS")
 if want tests && ! done_before tests && [ "$L_TESTS" -gt 0 ]; then
   rm -f "$OUT/tests.done"
-  echo "== tests: pytest -k cuda -m '$MARK' (limit ${L_TESTS}s)"
+  # Each run keeps its own verbose log (each test's outcome as it happens): a run cut off
+  # by its limit loses nothing, and with --skip-done the next run leaves out what earlier
+  # runs finished (benchmarks/gpu_check_tests.py).
+  TESTS_PY="$ROOT/benchmarks/gpu_check_tests.py"
+  [ "$SKIP_DONE" = 1 ] || rm -f "$OUT"/gpu_tests.*.log "$OUT"/gpu_tests.*.rc
+  N=$("$PY" "$TESTS_PY" next "$OUT")
+  DESELECT=()
+  while IFS= read -r id; do [ -n "$id" ] && DESELECT+=(--deselect "$id"); done < <("$PY" "$TESTS_PY" deselect "$OUT")
+  echo "== tests: pytest -k cuda -m '$MARK' (limit ${L_TESTS}s; run $N, $(( ${#DESELECT[@]} / 2 )) finished earlier)"
   t0=$SECONDS
   # A module whose optional imports (the service, Ray) are missing there must not stop the rest.
   PER_TEST=(); "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout 120)
-  timeout "$L_TESTS" "$PY" -m pytest $TEST_PATHS -q -p no:cacheprovider -m "$MARK" -k cuda -rs \
-    --continue-on-collection-errors "${PER_TEST[@]}" --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
+  timeout "$L_TESTS" "$PY" -m pytest $TEST_PATHS -v --tb=short -p no:cacheprovider -m "$MARK" -k cuda -rs \
+    --continue-on-collection-errors "${PER_TEST[@]}" "${DESELECT[@]}" > "$OUT/gpu_tests.$N.log" 2>&1
   RC[tests]=$?
-  case "${RC[tests]}" in 0|1) touch "$OUT/tests.done" ;; esac  # finished (1: some failed), not cut off
-  tail -n 30 "$OUT/gpu_tests.log"
+  echo "${RC[tests]}" > "$OUT/gpu_tests.$N.rc"
+  case "${RC[tests]}" in 0|1|5) touch "$OUT/tests.done" ;; esac  # finished (1: some failed; 5: none left), not cut off
+  grep -E " (FAILED|ERROR)( |$)|^(FAILED|ERROR) " "$OUT/gpu_tests.$N.log" | tail -n 20
+  tail -n 3 "$OUT/gpu_tests.$N.log"
   echo "-- tests: $((SECONDS - t0)) s"
 fi
 want decode && bench decode "$L_DECODE" --suites decode --batch-sizes 1 --new-tokens "$DTOKENS" --repeats 2 \
@@ -197,8 +209,8 @@ want batch && bench batch "$L_BATCH" --suites decode --batch-sizes $BIG --new-to
 want unet && bench unet "$L_UNET" --suites unet preprocess --batch-sizes 2 32 --repeats 5
 
 echo "== summary"
-"$PY" - "$OUT" "$PRESET" "${RC[tests]:-skip}" <<'PY' | tee "$OUT/summary.md"
-import json, sys, xml.etree.ElementTree as ET
+"$PY" - "$OUT" "$PRESET" "${RC[tests]:-skip}" "$ROOT" <<'PY' | tee "$OUT/summary.md"
+import json, sys
 from pathlib import Path
 
 out, preset, tests_rc = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -256,28 +268,23 @@ targets = [
 ]
 bw = next((r["machine"].get("memory_bandwidth_GBps") for r in runs.values() if r["machine"]), None)
 print(f"copy bandwidth measured: {bw} GB/s\n")
-suite = None
-xml = out / "gpu_tests.xml"
-if xml.exists():  # a module not collected (an optional import missing there) is no GPU test
-    suite = {"passed": 0, "failed": [], "skipped": 0, "not collected": 0}
-    for case in ET.parse(xml).getroot().iter("testcase"):
-        bad = case.find("failure") is not None or case.find("error") is not None
-        if not case.get("classname"):  # pytest's entry for a module that failed to import
-            suite["not collected"] += bad
-        elif bad:
-            suite["failed"].append(case.get("name"))
-        elif case.find("skipped") is not None:
-            suite["skipped"] += 1
-        else:
-            suite["passed"] += 1
+sys.path.insert(0, str(Path(sys.argv[4]) / "benchmarks"))
+from gpu_check_tests import summarize
+
+tests = summarize(out)
 print("| check | measured | target | met | beside it |\n| --- | --- | --- | --- | --- |")
-if suite is not None:
-    failed = suite["failed"]
-    print(f"| GPU tests | {suite['passed']} passed, {len(failed)} failed, {suite['skipped']} skipped "
-          f"| all pass | {'yes' if not failed and suite['passed'] else 'NO'} | {', '.join(failed[:6])}; "
-          f"{suite['not collected']} module(s) not collected |")
+if tests is not None:
+    finished = (out / "tests.done").exists()
+    notes = [", ".join(tests.failed[:6]) + (" ..." if len(tests.failed) > 6 else "")] if tests.failed else []
+    notes += [f"crashed the run: {name}" for name in tests.crashed_in]
+    if not finished and tests.cut_off_in:
+        notes.append(f"cut off by the time limit in {tests.cut_off_in}")
+    notes.append(f"{tests.not_collected} module(s) not collected; {tests.runs} run(s)")
+    ok = finished and not tests.failed and not tests.crashed_in and tests.passed
+    print(f"| GPU tests | {tests.passed} passed, {len(tests.failed)} failed, {tests.skipped} skipped"
+          f"{'' if finished else ' (not all run)'} | all pass | {'yes' if ok else 'NO'} | {'; '.join(notes)} |")
 elif tests_rc != "skip":
-    print(f"| GPU tests | no report (exit {tests_rc}) | all pass | NO | |")
+    print(f"| GPU tests | no log (exit {tests_rc}) | all pass | NO | |")
 for name, value, op, bound, note in targets:
     if value is None:
         print(f"| {name} | not measured | {op + ' ' + str(bound) if bound is not None else '(no target)'} | - | |")

@@ -27,7 +27,9 @@ pins=$("$PY" - <<'PY'
 from importlib.metadata import PackageNotFoundError, version
 wanted = {"transformers": "transformers>=5.23,<6", "diffusers": "diffusers>=0.42,<0.43", "torchao": "torchao>=0.18",
           # transformers checks regex's version at import; the image's may be older
-          "regex": "regex>=2025.10.22"}
+          "regex": "regex>=2025.10.22",
+          # per-test time limits in the tests step (pure Python)
+          "pytest-timeout": "pytest-timeout>=2.3"}
 for name, fallback in wanted.items():
     try:
         print(f"{name}=={version(name)}")
