@@ -98,7 +98,8 @@ def test_a_failed_capture_falls_back_to_the_uncaptured_step(eos_llm, monkeypatch
     def refuse(fn, *, pool=None, warmup: int = 2):
         attempts.append(fn)
         fn()  # the warm-up runs (and compiles) before the capture fails
-        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+        refused = RuntimeError("operation not permitted when stream is capturing\nmore detail")
+        raise decode.CaptureError(str(refused)) from refused  # as CapturedStep raises it
 
     monkeypatch.setattr(decode, "CapturedStep", refuse)
     monkeypatch.setattr(decode, "graph_pool", lambda: None)
@@ -114,3 +115,42 @@ def test_a_failed_capture_falls_back_to_the_uncaptured_step(eos_llm, monkeypatch
     assert list(fallback.capture_failures.values()) == ["RuntimeError: operation not permitted when stream is "
                                                        "capturing"] * 2
     assert sum("CUDA graph capture of the decode step failed" in r.message for r in caplog.records) == 2
+
+
+def test_an_error_of_the_step_itself_is_not_taken_for_a_capture_failure(eos_llm, monkeypatch):
+    """An error in a warm-up call is the step's, and the uncaptured step would raise it again:
+    it reaches the caller as it is, and nothing is recorded as a capture failure."""
+
+    def broken(fn, *, pool=None, warmup: int = 2):
+        raise RuntimeError("the compiled step failed")
+
+    monkeypatch.setattr(decode, "CapturedStep", broken)
+    monkeypatch.setattr(decode, "graph_pool", lambda: None)
+    dec = StaticDecoder(eos_llm)
+    dec.capture = True
+    with pytest.raises(RuntimeError, match="the compiled step failed"):
+        dec.generate(prefixes(2, seed=1), GenerationConfig(max_new_tokens=8), eos_token_id=EOS, pad_token_id=PAD)
+    assert dec.capture_failures == {}
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_a_cache_with_room_for_one_token_is_never_captured(eos_llm, monkeypatch, beams):
+    """Nq + 1 new token filling the cache exactly leaves the search one column: the prefill
+    chooses that token and no token step runs, while a capture's warm-up steps would write
+    past the column (on a GPU, a device-side assert that poisons the process)."""
+    monkeypatch.setattr(decode, "CapturedStep", TracedOnce)
+    monkeypatch.setattr(decode, "graph_pool", lambda: None)
+    monkeypatch.setattr(TracedOnce, "traced", 0)
+    prefix = prefixes(3, seed=7)
+    nq = prefix.shape[1]
+    eager, replayed = StaticDecoder(eos_llm, length_multiple=nq + 1), StaticDecoder(eos_llm, length_multiple=nq + 1)
+    replayed.capture = True
+    gen = GenerationConfig(max_new_tokens=1, num_beams=beams)
+    got = replayed.generate(prefix, gen, eos_token_id=EOS, pad_token_id=PAD)
+    assert torch.equal(got, eager.generate(prefix, gen, eos_token_id=EOS, pad_token_id=PAD)) and got.shape == (3, 1)
+    assert TracedOnce.traced == 0
+    # Two tokens: two columns, captured as usual.
+    gen2 = GenerationConfig(max_new_tokens=2, num_beams=beams)
+    assert torch.equal(replayed.generate(prefix, gen2, eos_token_id=EOS, pad_token_id=PAD),
+                       eager.generate(prefix, gen2, eos_token_id=EOS, pad_token_id=PAD))
+    assert TracedOnce.traced == 1

@@ -9,7 +9,7 @@ import torch
 from decode_helpers import EOS, PAD, prefixes
 
 from vlv_engine.config import GenerationConfig
-from vlv_engine.engine.cuda_graph import CapturedStep
+from vlv_engine.engine.cuda_graph import CapturedStep, CaptureError
 from vlv_engine.engine.decode import StaticDecoder
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -32,6 +32,20 @@ def test_captured_step_replays_in_place():
         step()
     torch.cuda.synchronize()
     assert x.tolist() == [3.0] * 4
+
+
+@needs_cuda
+def test_a_failed_cuda_capture_says_so_and_leaves_the_stream_as_it_was():
+    """A host read while capturing is refused by CUDA: `CaptureError`, and the calling
+    thread is back on its own stream (torch.cuda.graph alone would leave it on the
+    capture stream), so what runs next is ordered as before."""
+    x = torch.ones(4, device="cuda")
+    before = torch.cuda.current_stream()
+    with pytest.raises(CaptureError):
+        CapturedStep(lambda: x.add_(x.sum().item()), warmup=1)  # .item() syncs: fine in warm-up only
+    assert torch.cuda.current_stream() == before
+    torch.cuda.synchronize()
+    assert x.add_(1.0).sum().item() > 0  # the device still works after the refused capture
 
 
 @needs_cuda

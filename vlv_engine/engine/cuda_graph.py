@@ -26,6 +26,12 @@ from typing import Callable
 import torch
 
 
+class CaptureError(RuntimeError):
+    """CUDA refused to capture a step that ran without error in its warm-up calls (an
+    operation forbidden while capturing, in a library's kernels say). The step itself
+    works: a caller may run it uncaptured."""
+
+
 class CapturedStep:
     """`fn()` captured into a CUDA graph; calling it replays the graph.
 
@@ -33,7 +39,10 @@ class CapturedStep:
     Sharing is safe here because the steps keep nothing in the pool between replays (their
     results are written into the caller's buffers) and one decoder never replays two
     graphs at once. `result`: what `fn` returned while being captured (tensors it
-    allocated live in the graph's memory, and each replay rewrites them)."""
+    allocated live in the graph's memory, and each replay rewrites them).
+
+    An error in a warm-up call is the step's own and propagates as it is; a failed
+    capture raises `CaptureError`."""
 
     def __init__(self, fn: Callable[[], object], *, pool=None, warmup: int = 2, device: torch.device | None = None):
         if not torch.cuda.is_available():
@@ -48,10 +57,18 @@ class CapturedStep:
                 fn()
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: a service's other threads may use the GPU (preprocessing, another
-        # engine) while this one captures; "global" would make their calls fail the capture.
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.result = fn()
+        # torch.cuda.graph's exit ends the capture before it leaves its capture stream, so a
+        # capture that fails would leave this thread on that stream for whatever runs next.
+        before = torch.cuda.current_stream(device)
+        try:
+            # thread_local: a service's other threads may use the GPU (preprocessing, another
+            # engine) while this one captures; "global" would make their calls fail the capture.
+            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+                self.result = fn()
+        except RuntimeError as err:
+            raise CaptureError(str(err)) from err
+        finally:
+            torch.cuda.set_stream(before)
 
     def __call__(self) -> None:
         self.graph.replay()

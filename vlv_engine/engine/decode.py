@@ -63,7 +63,7 @@ from transformers import PreTrainedModel, StaticCache
 
 from vlv_engine.config import GenerationConfig
 from vlv_engine.engine.beam import BeamState, beam_update
-from vlv_engine.engine.cuda_graph import CapturedStep, graph_pool
+from vlv_engine.engine.cuda_graph import CapturedStep, CaptureError, graph_pool
 from vlv_engine.engine.decode_attention import use_decode_attention
 from vlv_engine.engine.fused_projections import fuse_projections
 from vlv_engine.engine.generation import generate_reference
@@ -248,7 +248,11 @@ def cuda_step_options(scheme: str | None, *, inductor_graphs: bool = False) -> d
     For the int8 torchao schemes, the settings of torchao's own `quantize_`, which it would
     set globally (we pass `set_inductor_config=False` and set them for this compile only):
     * coordinate descent tuning, which int8 weight-only decoding needs: its batch-1 product
-      is a multiply + reduction kernel, slow at inductor's default launch configuration;
+      is a multiply + reduction kernel, slow at inductor's default launch configuration.
+      Inductor writes the product that way for one row only. At more rows (beams, a batch)
+      torchao's int8 weight-only product converts the whole weight to bf16 and then calls
+      cuBLAS, every token: ~2.5x the bytes of a bf16 step. So int8 weight-only on CUDA is
+      for greedy batch-1 decoding; beam search and batches want bf16, int4 or int8 dynamic;
     * `force_fuse_int_mm_with_mul`: int8 dynamic's int8 product and its scale become one
       kernel. It did not lift cuBLAS's row minimum on an H200 (`min_step_rows` does that)."""
     import torch._inductor.config as inductor_config
@@ -257,8 +261,7 @@ def cuda_step_options(scheme: str | None, *, inductor_graphs: bool = False) -> d
     # Each only where it pays: tuning adds compile time (minutes for a 36-layer step), and
     # int4 / fp8 run their products in library kernels it does not touch.
     if scheme == "int8_weight_only":
-        options.update(coordinate_descent_tuning=True, coordinate_descent_check_all_directions=True,
-                       use_mixed_mm=True)
+        options.update(coordinate_descent_tuning=True, coordinate_descent_check_all_directions=True)
     elif scheme == "int8_dynamic":
         options.update(force_fuse_int_mm_with_mul=True)
     # Keep only what this torch's inductor knows (options are validated at compile time).
@@ -385,14 +388,22 @@ class StaticDecoder:
         A step that cannot be captured (an operation CUDA forbids while capturing, in a
         quantization library's kernels say) still decodes correctly uncaptured, only with
         the host's per-call cost: the failure is logged and kept in `capture_failures`
-        (the decode benchmark reports it) rather than failing the caption."""
+        (the decode benchmark reports it) rather than failing the caption. An error of
+        the step itself (in a warm-up call) propagates."""
+        if state.capacity < 2:
+            # A cache with room for one new token never runs a token step (the prefill
+            # chooses that token), and the warm-up's second step would write past the
+            # search state's last column: inductor's bounds check is a device-side assert,
+            # which leaves the CUDA context unusable.
+            return None
         state.reset(state.real.shape[0], state.capacity)  # valid indices while warming up
         if self._pool is None:
             self._pool = graph_pool()
         try:
             return CapturedStep(lambda: fn(self.llm, cache, state), pool=self._pool)
-        except RuntimeError as err:
-            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        except CaptureError as err:
+            cause = err.__cause__ or err  # CUDA's own error, as the capture raised it
+            reason = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
             self.capture_failures[key] = reason
             log.warning("CUDA graph capture of the decode step failed (%s); this search runs the compiled step "
                         "without it", reason)

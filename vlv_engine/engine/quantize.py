@@ -7,13 +7,17 @@ and the caption embedding must not move.
 
 | scheme | device | weights | activations |
 | --- | --- | --- | --- |
-| int8_weight_only | CPU, CUDA | int8 per row | model dtype |
+| int8_weight_only | CPU, CUDA (one row: greedy batch 1) | int8 per row | model dtype |
 | int8_dynamic | CPU, CUDA | int8 per row | int8 per token, computed at run time |
 | int4_weight_only | CUDA | int4, groups of 128 (tinygemm tile layout) | bf16 |
 | fp8 | CUDA, sm89+ | float8 e4m3 per row | float8 per row, dynamic |
 | int4_cpu | CPU | int4, groups of 128 (torchao's prototype opaque CPU layout) | bf16 |
 | int8_cpu | CPU | int8 per row (our native kernel, `vlv_engine.native.gemv`) | fp32 |
 | int8_dynamic_cpu | CPU | int8 per row (PyTorch's fbgemm, `fbgemm_int8`) | int8 per tensor, computed at run time |
+
+On CUDA, int8_weight_only is fast at one row only: inductor fuses its product into a
+multiply + reduction for one row, and at more rows (beams, batches) each token converts
+every weight to bf16 before cuBLAS (`decode.cuda_step_options`).
 
 Which is fast where (docs: cpu-facts.md): on an AVX2 CPU without VNNI torchao's int8
 weight-only is slower than fp32 (it materializes float weights); int8_cpu widens each
