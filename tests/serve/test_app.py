@@ -97,6 +97,37 @@ def test_malformed_requests_are_clear_4xx(client, kwargs, status, reason):
     assert r.json()["reason"] == reason and r.json()["error"]
 
 
+def test_deep_json_nesting_is_a_400_not_a_crash(client):
+    deep = b'{"images": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    r = client.post("/v1/caption", content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["reason"] == "invalid_json" and "nested too deeply" in r.json()["error"]
+    r = client.post("/v1/caption", files=files(("a.png", png())), data={"options": "[" * 200_000})
+    assert r.status_code == 400 and r.json()["reason"] == "invalid_json"
+
+
+def test_too_many_json_entries_are_refused_before_any_is_decoded(client, monkeypatch):
+    """A small body can hold millions of tiny entries: the count is checked first."""
+    import vlv_engine.serve.parsing as parsing
+
+    decoded = []
+    real = parsing._decode_entry
+    monkeypatch.setattr(parsing, "_decode_entry", lambda i, e: decoded.append(i) or real(i, e))
+    r = client.post("/v1/caption", content=b'{"images": [' + b",".join([b"0"] * 100_000) + b"]}",
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["reason"] == "too_many_images" and "100000 images" in r.json()["error"]
+    assert decoded == []
+
+
+def test_a_long_image_name_is_cut_in_results_and_errors(client):
+    from vlv_engine.serve.parsing import MAX_NAME_CHARS
+
+    name = "n" * 100_000
+    r = client.post("/v1/caption", json={"images": [{"name": name, "data": "!!"}]})
+    assert r.status_code == 400
+    result = r.json()["results"][0]
+    assert result["name"] == name[:MAX_NAME_CHARS] and len(r.content) < 4 * MAX_NAME_CHARS + 1000
+
+
 def test_too_many_images_is_413(client):
     r = client.post("/v1/caption", files=files(*[(f"{i}.png", png()) for i in range(5)]))
     assert r.status_code == 413 and r.json()["reason"] == "too_many_images"
@@ -185,6 +216,30 @@ def test_readiness_waits_for_the_model_and_failed_load_is_reported(engine):
         assert c.get("/healthz").status_code == 503
         r = c.get("/readyz")
         assert r.status_code == 503 and "no such model folder" in r.json()["error"]
+
+
+class _ModelThreadBroke(BaseException):
+    """Not an Exception: what no batch isolation catches."""
+
+
+def test_a_dead_model_thread_makes_health_fail_instead_of_serving_nothing(engine):
+    broken = SlowEngine(engine)
+    app = create_app(broken, config=ServeConfig(max_delay_ms=1))
+    with TestClient(app) as c:
+        wait_ready(c.get)
+
+        def fatal(embeddings, **kwargs):
+            raise _ModelThreadBroke("the model thread broke")
+
+        broken.caption_embeddings = fatal
+        r = c.post("/v1/caption", files=files(("a.png", png())))
+        assert r.status_code == 503 and r.json()["reason"] == "worker_died", r.text
+        assert "_ModelThreadBroke" in r.json()["error"]
+        for path in ("/healthz", "/readyz"):  # an orchestrator restarts it
+            r = c.get(path)
+            assert r.status_code == 503 and r.json()["reason"] == "worker_died"
+        r = c.post("/v1/caption", files=files(("a.png", png())))
+        assert r.status_code == 503 and r.json()["reason"] == "worker_died"
 
 
 def test_request_timeout_is_504(engine):

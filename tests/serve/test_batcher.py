@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from vlv_engine.serve.batcher import DynamicBatcher, QueueFull, RequestTimeout, ShuttingDown
+from vlv_engine.serve.batcher import DynamicBatcher, QueueFull, RequestTimeout, ShuttingDown, WorkerDied
 
 
 class FakeModel:
@@ -221,3 +221,41 @@ def test_batch_metrics_callback_sees_every_batch():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="max_batch_size"):
         DynamicBatcher(FakeModel(), max_batch_size=0, max_delay_s=0.0, max_queue=1)
+
+
+class Fatal(BaseException):
+    """What no batch isolation catches (not an Exception)."""
+
+
+def test_a_worker_that_dies_fails_what_waits_and_says_why():
+    """An error the batch isolation does not catch stops the worker: the running batch and
+    everything queued behind it fail at once (nothing waits for a timeout), later
+    submissions are refused with the reason, and `failure` reports it (the service's
+    health check turns 503 on it)."""
+    gate = threading.Event()
+
+    def model(payloads):
+        assert gate.wait(10)
+        if "fatal" in payloads:
+            raise Fatal("model thread broke")
+        return [p.upper() for p in payloads]
+
+    async def main():
+        b = DynamicBatcher(model, max_batch_size=1, max_delay_s=0.0, max_queue=8)
+        await b.start()
+        assert b.failure is None
+        first = asyncio.ensure_future(b.submit_many(["fatal"]))
+        await asyncio.sleep(0.05)  # "fatal" is on the model thread
+        queued = asyncio.ensure_future(b.submit_many(["x"]))
+        await asyncio.sleep(0.05)
+        gate.set()
+        results = await asyncio.gather(first, queued, return_exceptions=True)
+        with pytest.raises(WorkerDied, match="Fatal: model thread broke"):
+            await b.submit_many(["later"])
+        failure = b.failure
+        await b.close()
+        return results, failure, b.failure
+
+    (first, queued), failure, after_close = run(main())
+    assert isinstance(first, WorkerDied) and isinstance(queued, WorkerDied)
+    assert "Fatal" in failure and after_close is None

@@ -114,3 +114,36 @@ def test_sigterm_finishes_in_flight_requests_then_exits(engine):
     assert [answers[i].status_code for i in range(2)] == [200, 200]
     assert [answers[i].json()["results"][0]["caption"] for i in range(2)] == want
     assert "batcher drained" in err or "Finished server process" in err
+
+
+def _metric(base: str, prefix: str) -> float:
+    return sum(float(line.split()[-1]) for line in httpx.get(base + "/metrics").text.splitlines()
+               if line.startswith(prefix))
+
+
+_PART = (b'--x\r\nContent-Disposition: form-data; name="f"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+         + b"\x89PNG" * 250)
+
+
+@pytest.mark.parametrize("kind,start", [("application/json", b"{" * 1000),
+                                        ("multipart/form-data; boundary=x", _PART)], ids=["json", "multipart"])
+def test_a_client_that_leaves_mid_upload_is_no_server_error(engine, kind, start, caplog):
+    """Counted as 499 client_disconnected, not as a 500 with a traceback in the log: a
+    client going away is not the service failing (error-rate alerts read the 5xx)."""
+    with live_server(engine, ServeConfig(max_delay_ms=1)) as (_server, base, _thread):
+        wait_ready(lambda path: httpx.get(base + path))
+        port = int(base.rsplit(":", 1)[1])
+        with caplog.at_level("ERROR"):
+            for _ in range(2):
+                conn = socket.create_connection(("127.0.0.1", port))
+                conn.sendall(f"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\n"
+                             f"Content-Length: 100000\r\n\r\n".encode() + start)
+                time.sleep(0.2)
+                conn.close()
+            deadline = time.monotonic() + 10
+            while _metric(base, 'vlv_request_errors_total{reason="client_disconnected"}') < 2 \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert _metric(base, 'vlv_request_errors_total{reason="client_disconnected"}') == 2
+        assert _metric(base, 'vlv_requests_total{path="/v1/caption",status="500"}') == 0
+        assert not [r for r in caplog.records if "Exception in ASGI application" in r.getMessage()]

@@ -7,7 +7,8 @@ Endpoints:
   "status"}``. A bad image costs only its own result: the response is 200 when any
   image was captioned; when none was, its status is the images' common 4xx (400 when
   they differ) and the body names the first error.
-* ``GET /healthz``: the process is alive (503 only when the model failed to load).
+* ``GET /healthz``: the process is alive (503 when the model failed to load, or the
+  model thread died: nothing will be served until a restart).
 * ``GET /readyz``: the model is loaded and warmed and the service is not draining.
 * ``GET /metrics``: Prometheus text format.
 
@@ -30,9 +31,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from vlv_engine.images import ImageInputError
-from vlv_engine.serve.batcher import DynamicBatcher, QueueFull, ShuttingDown
+from vlv_engine.serve.batcher import DynamicBatcher, QueueFull, ShuttingDown, WorkerDied
 from vlv_engine.serve.captioner import CaptionJob, Captioner
 from vlv_engine.serve.config import ServeConfig
 from vlv_engine.serve.errors import ServiceError, image_error
@@ -122,10 +124,15 @@ def create_app(engine: Any = None, *, engine_factory: Callable[[], Any] | None =
         return JSONResponse({"error": str(err.detail), "reason": reason}, status_code=err.status_code,
                             headers=err.headers)
 
+    def worker_failure() -> str | None:
+        return state.batcher.failure if state.batcher is not None else None
+
     @app.get("/healthz")
     async def healthz():
         if state.load_error is not None:
             return JSONResponse({"status": "failed", "error": state.load_error, "reason": "model_failed"}, 503)
+        if (failure := worker_failure()) is not None:  # alive, but serving nothing: restart it
+            return JSONResponse({"status": "failed", "error": failure, "reason": "worker_died"}, 503)
         return {"status": "ok"}
 
     @app.get("/readyz")
@@ -134,6 +141,8 @@ def create_app(engine: Any = None, *, engine_factory: Callable[[], Any] | None =
             return {"status": "ready", "model": config.model_name}
         if state.load_error is not None:
             return JSONResponse({"error": state.load_error, "reason": "model_failed"}, 503)
+        if (failure := worker_failure()) is not None:
+            return JSONResponse({"error": failure, "reason": "worker_died"}, 503)
         reason = "draining" if state.draining else "loading"
         return JSONResponse({"error": f"not ready ({reason})", "reason": reason}, 503)
 
@@ -154,7 +163,12 @@ def create_app(engine: Any = None, *, engine_factory: Callable[[], Any] | None =
                                                f"({config.timeout_s:g} s)") from None
 
     async def _caption(request: Request):
-        uploads, options = await read_request(request, config)
+        try:
+            uploads, options = await read_request(request, config)
+        except ClientDisconnect:
+            # Nobody reads the answer; counted apart from the server's own errors (nginx's 499).
+            raise ServiceError(499, "client_disconnected", "the client closed the connection during the "
+                                                           "upload") from None
         prepared = await asyncio.gather(*(_prepare(i, u) for i, u in enumerate(uploads)))
         good = [i for i, p in enumerate(prepared) if not isinstance(p, ServiceError)]
         try:
@@ -163,6 +177,8 @@ def create_app(engine: Any = None, *, engine_factory: Callable[[], Any] | None =
             raise ServiceError(503, "overloaded", str(exc)) from None
         except ShuttingDown as exc:
             raise ServiceError(503, "shutting_down", str(exc)) from None
+        except WorkerDied as exc:
+            raise ServiceError(503, "worker_died", str(exc)) from None
         outcome: list[Any] = list(prepared)
         for i, value in zip(good, captions):
             if isinstance(value, BaseException):

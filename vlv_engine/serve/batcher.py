@@ -55,6 +55,11 @@ class RequestTimeout(BatcherError):
     pass
 
 
+class WorkerDied(BatcherError):
+    """The batcher's worker stopped on an error no batch isolation catches: nothing more
+    will be served (the service reports itself unhealthy, to be restarted)."""
+
+
 @dataclass(eq=False)
 class _Item(Generic[P]):
     payload: P
@@ -99,13 +104,25 @@ class DynamicBatcher(Generic[P, R]):
             return
         self._wakeup.set()
         try:
-            await self._collector
+            # A worker that died has answered everything already (`failure` says why).
+            await asyncio.gather(self._collector, return_exceptions=True)
         finally:
             self._executor.shutdown(wait=True)
 
     @property
     def accepting(self) -> bool:
         return self._collector is not None and not self._closing and not self._collector.done()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the worker stopped on its own (None while it runs, or after `close`)."""
+        task = self._collector
+        if task is None or not task.done() or self._closing:
+            return None
+        if task.cancelled():
+            return "the batcher's worker was cancelled"
+        exc = task.exception()
+        return f"the batcher's worker died ({type(exc).__name__}: {exc})" if exc else "the batcher's worker stopped"
 
     @property
     def queue_depth(self) -> int:
@@ -122,6 +139,8 @@ class DynamicBatcher(Generic[P, R]):
     async def submit_many(self, payloads: Sequence[P], *, timeout: float | None = None) -> list[Any]:
         """Queue the payloads together; returns one result (value or exception) each."""
         if not self.accepting:
+            if self.failure is not None:
+                raise WorkerDied(self.failure)
             raise ShuttingDown("the service is shutting down" if self._closing else "batcher not started")
         if len(self._pending) + len(payloads) > self.max_queue:
             raise QueueFull(f"queue full ({len(self._pending)} images waiting, limit {self.max_queue}); "
@@ -194,10 +213,17 @@ class DynamicBatcher(Generic[P, R]):
             try:
                 results = await loop.run_in_executor(self._executor, self._run_isolated,
                                                      [i.payload for i in batch])
-            except BaseException as exc:  # the collector itself is being cancelled
-                for item in batch:
+            except BaseException as exc:
+                # The collector is cancelled, or the model thread raised what `_run_isolated`
+                # does not catch (not an Exception): nothing more runs, so nothing may wait.
+                if not isinstance(exc, asyncio.CancelledError):
+                    log.error("the batcher's worker died", exc_info=exc)
+                stopped = ShuttingDown if isinstance(exc, asyncio.CancelledError) else WorkerDied
+                for item in [*batch, *self._pending]:
                     if not item.future.done():
-                        item.future.set_exception(ShuttingDown(f"worker stopped ({type(exc).__name__})"))
+                        item.future.set_exception(stopped(f"worker stopped ({type(exc).__name__}: {exc})"))
+                self._pending.clear()
+                self._depth_changed()
                 raise
             finally:
                 self.in_flight = 0

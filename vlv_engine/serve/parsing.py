@@ -94,7 +94,7 @@ async def read_request(request: Request, config: ServeConfig) -> tuple[list[Uplo
     if kind == "multipart/form-data":
         uploads, raw, from_form = await _read_multipart(request, config)
     elif kind == "application/json":
-        uploads, raw = await _read_json(request)
+        uploads, raw = await _read_json(request, config.max_images)
         from_form = False
     else:
         raise ServiceError(415, "unsupported_media_type",
@@ -122,12 +122,13 @@ async def _read_multipart(request: Request, config: ServeConfig):
     try:
         for field, value in form.multi_items():
             if isinstance(value, UploadFile):
-                uploads.append(Upload(value.filename or field, await value.read()))
+                uploads.append(Upload((value.filename or field)[:MAX_NAME_CHARS], await value.read()))
             elif field == "options":
                 try:
                     options = json.loads(value)
-                except json.JSONDecodeError as exc:
-                    raise ServiceError(400, "invalid_json", f"the 'options' field is not JSON ({exc})") from None
+                except (json.JSONDecodeError, RecursionError) as exc:
+                    raise ServiceError(400, "invalid_json", f"the 'options' field is not JSON ({_json_error(exc)})") \
+                        from None
                 if not isinstance(options, dict):
                     raise ServiceError(422, "invalid_option", "the 'options' field must be a JSON object")
                 raw.update(options)
@@ -138,17 +139,22 @@ async def _read_multipart(request: Request, config: ServeConfig):
     return uploads, raw, True
 
 
-async def _read_json(request: Request):
+async def _read_json(request: Request, max_images: int):
     body = await request.body()
     # Parsing and base64-decoding up to max_body bytes would stall the event loop.
-    return await asyncio.to_thread(_parse_json, body)
+    return await asyncio.to_thread(_parse_json, body, max_images)
 
 
-def _parse_json(body: bytes):
+def _json_error(exc: Exception) -> str:
+    # The decoder recurses once per nesting level: a deep enough body exhausts the stack.
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+
+
+def _parse_json(body: bytes, max_images: int):
     try:
         doc = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ServiceError(400, "invalid_json", f"the body is not valid JSON ({exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ServiceError(400, "invalid_json", f"the body is not valid JSON ({_json_error(exc)})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise ServiceError(422, "invalid_request", 'expected a JSON object {"images": [base64, ...], '
                                                    '"options": {...}}')
@@ -158,13 +164,21 @@ def _parse_json(body: bytes):
     options = doc.get("options") or {}
     if not isinstance(options, dict):
         raise ServiceError(422, "invalid_option", "'options' must be a JSON object")
+    # Counted before any entry is decoded: a 4 MB body of two million tiny entries would
+    # otherwise cost a gigabyte of per-entry results before being refused.
+    if len(doc["images"]) > max_images:
+        raise ServiceError(413, "too_many_images",
+                           f"{len(doc['images'])} images in one request; the limit is {max_images}")
     return [_decode_entry(i, entry) for i, entry in enumerate(doc["images"])], options
+
+
+MAX_NAME_CHARS = 256  # of a client's image name, as results and errors repeat it
 
 
 def _decode_entry(index: int, entry: Any) -> Upload:
     name = f"images[{index}]"
     if isinstance(entry, dict):
-        name = str(entry.get("name") or name)
+        name = str(entry.get("name") or name)[:MAX_NAME_CHARS]
         entry = entry.get("data")
     if not isinstance(entry, str):
         return Upload(name, None, ServiceError(400, "invalid_image_field",
