@@ -150,6 +150,30 @@ def test_an_actor_killed_by_a_file_costs_only_that_file(cluster, tmp_path):
         *[[(p, None)] for p in paths[4:]]]
 
 
+def test_an_item_retried_behind_another_crash_is_not_blamed_for_it(cluster):
+    """A batch's one-item retry can land on an actor with other calls queued before it; if
+    one of those kills the actor, the retried item dies as a bystander. It is run again on
+    a fresh actor, and only the files that crash an actor on their own are blamed; results
+    stay in input order."""
+    import batch_helpers
+
+    from vlv_engine.batch.decode import WORKER_CRASHED, DecodeTask
+    from vlv_engine.batch.inputs import FileSource
+    from vlv_engine.batch.ray_runner import _ActorPool
+
+    ray.cloudpickle.register_pickle_by_value(batch_helpers)
+    remote = ray.remote(num_cpus=1)(batch_helpers.CrashingEngineWorker)
+    names = [["p0", "CRASH1"], ["p1"], ["CRASH2", "p2"], ["p3"], ["p4"]]
+    batches = [[DecodeTask(FileSource(f"/data/{n}.png")) for n in batch] for batch in names]
+    pool = _ActorPool(ray, remote.remote, 2)
+    try:
+        results = list(pool.map(iter(batches)))
+    finally:
+        pool.close()
+    assert [[(o.sha256, o.reason) for o in r] for r in results] == [
+        [(None, WORKER_CRASHED) if "CRASH" in n else (f"/data/{n}.png", None) for n in batch] for batch in names]
+
+
 def test_without_ray_installed_the_job_says_how_to_get_it(engine, folder, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(UsageError, match=r"pip install 'vlv-engine\[ray\]'"):

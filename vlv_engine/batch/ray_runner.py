@@ -172,13 +172,24 @@ class RayRun(_Run):
 class _ActorPool:
     """An ordered, bounded map of batches over engine actors; an actor that dies is
     replaced and its batch retried one item per call, so a file that kills an actor
-    costs that file only."""
+    costs that file only.
+
+    Who killed an actor: an actor runs its calls in order, so the calls in flight on it
+    other than the one it was running died as bystanders. The map pops calls in
+    submission order, so the first failed call it reaches on a dead actor is the one that
+    was running: its batch is isolated, the others are sent again as they were. An item
+    is blamed only when it kills an actor it runs on alone, with nothing queued there
+    before it (a fresh one). Each actor slot has a generation, so a call made to an actor
+    that was already replaced never brings down its healthy successor."""
 
     def __init__(self, ray: Any, make_actor: Any, n: int) -> None:
         self.ray = ray
         self.make_actor = make_actor
         self.actors: list[Any] = [make_actor() for _ in range(n)]
+        self.generation = [0] * n
         self.load = collections.Counter()  # actor index -> calls in flight
+        # (tasks, actor index, generation, ref) of every call in flight, in submission order.
+        self.pending: collections.deque[tuple[list[DecodeTask], int, int, Any]] = collections.deque()
 
     def start(self, binding: dict[str, str]) -> None:
         for identity in self.ray.get([a.identity.remote() for a in self.actors]):
@@ -193,51 +204,70 @@ class _ActorPool:
             self.ray.kill(actor)
         self.actors = []
 
-    def _submit(self, tasks: list[DecodeTask]) -> tuple[int, Any]:
+    def _call(self, tasks: list[DecodeTask]) -> tuple[list[DecodeTask], int, int, Any]:
         index = min(range(len(self.actors)), key=lambda i: self.load[i])
         self.load[index] += 1
-        return index, self.actors[index].run.remote(tasks)
+        return tasks, index, self.generation[index], self.actors[index].run.remote(tasks)
+
+    def _submit(self, tasks: list[DecodeTask]) -> None:
+        self.pending.append(self._call(tasks))
 
     def map(self, batches: Iterator[list[DecodeTask]]) -> Iterator[list[Outcome]]:
         limit = _IN_FLIGHT_PER_ACTOR * len(self.actors)
-        pending: collections.deque[tuple[list[DecodeTask], int, Any]] = collections.deque()
         exhausted = False
-        while pending or not exhausted:
-            while not exhausted and len(pending) < limit:
+        while self.pending or not exhausted:
+            while not exhausted and len(self.pending) < limit:
                 tasks = next(batches, None)
                 if tasks is None:
                     exhausted = True
                 else:
-                    pending.append((tasks, *self._submit(tasks)))
-            if not pending:
+                    self._submit(tasks)
+            if not self.pending:
                 break
-            tasks, index, ref = pending.popleft()
+            tasks, index, generation, ref = self.pending.popleft()
             try:
                 outcomes = self.ray.get(ref)
                 self.load[index] -= 1
             except self.ray.exceptions.RayActorError:
                 log.warning("a Ray engine actor died on a batch of %d; retrying it one item at a time", len(tasks))
-                self._replace(index)
-                # The dead actor's other calls died with it: send them again.
-                pending = collections.deque(
-                    (t, *self._submit(t)) if i == index else (t, i, r) for t, i, r in pending)
+                self._replace(index, generation)
+                self._resend(index, generation)
                 outcomes = self._isolate(tasks)
             yield outcomes
 
-    def _replace(self, index: int) -> None:
-        # The new actor has nothing in flight; calls resent to it are counted as sent.
+    def _replace(self, index: int, generation: int) -> None:
+        """A new actor in slot `index` if `generation` is still the one there."""
+        if self.generation[index] != generation:
+            return
         self.ray.kill(self.actors[index])
         self.actors[index] = self.make_actor()
+        self.generation[index] += 1
         self.load[index] = 0
+
+    def _resend(self, index: int, generation: int) -> None:
+        """Send again the calls in flight on a dead actor (they died with it), each in its
+        place: the map yields in input order."""
+        self.pending = collections.deque(self._call(e[0]) if e[1:3] == (index, generation) else e
+                                         for e in self.pending)
 
     def _isolate(self, tasks: list[DecodeTask]) -> list[Outcome]:
         out: list[Outcome] = []
         for task in tasks:
-            index = min(range(len(self.actors)), key=lambda i: self.load[i])
+            index = min(range(len(self.actors)), key=lambda i: self.load[i])  # a quiet one if any
+            generation = self.generation[index]
             try:
                 out.extend(self.ray.get(self.actors[index].run.remote([task])))
+                continue
             except self.ray.exceptions.RayActorError:
-                self._replace(index)
-                out.append(Outcome(None, reason=WORKER_CRASHED))
+                # This item, or a call queued before it there, killed the actor: run it again
+                # alone on the fresh replacement (nothing is sent to it meanwhile).
+                self._replace(index, generation)
+                retry = self.generation[index]
+                try:
+                    out.extend(self.ray.get(self.actors[index].run.remote([task])))
+                except self.ray.exceptions.RayActorError:
+                    self._replace(index, retry)
+                    out.append(Outcome(None, reason=WORKER_CRASHED))
+                finally:
+                    self._resend(index, generation)  # the bystanders of the first death
         return out
-
