@@ -76,12 +76,11 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from vlv_engine.batch import (InputSpecError, JobOptions, ManifestError, OutputError, UsageError,
                                   caption_dataset, collect_items)
 
-    fmt = args.format or ("parquet" if args.out and args.out.lower().endswith(".parquet") else "jsonl")
     workers = args.workers if args.workers is not None else max(1, min(8, (os.cpu_count() or 2) // 2))
     generation = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens)) if v}
     if args.postprocess:
         generation["postprocess"] = True
-    options = JobOptions(out=args.out, format=fmt, manifest=args.manifest, errors=args.errors,
+    options = JobOptions(out=args.out, format=args.format, manifest=args.manifest, errors=args.errors,
                          batch_size=args.batch_size, workers=workers, shard_index=args.shard_index,
                          num_shards=args.num_shards, retry_failed=args.retry_failed,
                          embedding_cache=args.embedding_cache, generation=generation,

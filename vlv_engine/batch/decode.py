@@ -35,7 +35,7 @@ from PIL import Image
 
 from vlv_engine import images as image_io
 from vlv_engine import native as native_ops
-from vlv_engine.batch.inputs import Source, read_bytes
+from vlv_engine.batch.inputs import Source, UnreadableInput, read_bytes
 
 __all__ = ["DecodePool", "DecodeTask", "Decoded", "decode_batch"]
 
@@ -66,6 +66,8 @@ def decode_one(task: DecodeTask, size: int, max_pixels: int | None) -> Decoded:
         return Decoded(None, reason="is a directory, not a file")
     except PermissionError:
         return Decoded(None, reason="permission denied")
+    except UnreadableInput as exc:
+        return Decoded(None, reason=str(exc))
     except Exception as exc:
         return Decoded(None, reason=f"cannot read ({type(exc).__name__}: {exc})")
     sha = hashlib.sha256(data).hexdigest()

@@ -30,6 +30,7 @@ import glob
 import hashlib
 import logging
 import os
+import stat
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -40,11 +41,14 @@ __all__ = [
     "FileSource",
     "InputSpecError",
     "Item",
+    "MAX_FILE_BYTES",
     "ParquetCellSource",
     "TarMemberSource",
+    "UnreadableInput",
     "collect_items",
     "iter_items",
     "read_bytes",
+    "read_file",
     "shard_of",
 ]
 
@@ -127,11 +131,37 @@ def shard_of(item_id: str, num_shards: int) -> int:
     return int.from_bytes(digest[:8], "big") % num_shards
 
 
+MAX_FILE_BYTES = 1 << 30  # one image file; far above any image within the pixel limit
+
+
+class UnreadableInput(OSError):
+    """An input path that is not an image file to read: a FIFO, a device, or too large."""
+
+
+def read_file(path: str) -> bytes:
+    """A regular file's bytes, at most `MAX_FILE_BYTES`. Opened without blocking: a FIFO
+    would wait for a writer forever (and stall the whole run behind it); /dev/zero or a
+    huge sparse file would be read until memory runs out."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fp:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+            raise UnreadableInput(f"not a regular file ({kind})")
+        if st.st_size > MAX_FILE_BYTES:
+            raise UnreadableInput(f"{st.st_size} bytes, over the {MAX_FILE_BYTES >> 20} MiB limit for one image file")
+        data = fp.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:  # it grew while being read
+        raise UnreadableInput(f"over the {MAX_FILE_BYTES >> 20} MiB limit for one image file")
+    return data
+
+
 def read_bytes(source: Source) -> bytes:
     """The encoded bytes of one item (raises OSError / ValueError on failure)."""
     if isinstance(source, FileSource):
-        with open(source.path, "rb") as fp:
-            return fp.read()
+        return read_file(source.path)
     if isinstance(source, TarMemberSource):
         with open(source.shard, "rb") as fp:
             fp.seek(source.offset)
@@ -282,8 +312,6 @@ def _read_parquet_cell(source: ParquetCellSource) -> bytes:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, str):
-        path = value if os.path.isabs(value) else os.path.join(os.path.dirname(source.file), value)
-        with open(path, "rb") as fp:
-            return fp.read()
+        return read_file(value if os.path.isabs(value) else os.path.join(os.path.dirname(source.file), value))
     raise ValueError(f"parquet cell is {type(value).__name__}, not image bytes or a path")
 

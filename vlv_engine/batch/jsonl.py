@@ -169,30 +169,32 @@ class JsonlOutput:
         manifest.commit(Commit([], [], {}, {self.stream: self.state()}), forget={self.stream: sorted(item_ids)})
 
     def close(self, manifest: Manifest) -> None:
-        pass
+        """Nothing to finish: every batch was synced when written."""
 
 
 def _read_records(path: Path, binding: dict[str, str]) -> tuple[list[dict] | None, int]:
     """(records, length of the good prefix); records None when the file is not ours.
 
-    Only a last line without its newline is a torn tail (appends end every record
-    with one); any other bad line means the file is someone else's, and it is kept.
+    Only what follows the last newline is a torn tail (appends end every record with
+    one), and only after records of ours: a file holding nothing but an unterminated line
+    is someone else's. Any bad line means the file is someone else's, and it is kept.
+    Lines end at "\\n" only (bytes.splitlines would also end one at a lone "\\r", which
+    our JSON lines never hold: a file with one is not ours).
     """
     with open(path, "rb") as fp:
         data = fp.read()
+    *lines, tail = data.split(b"\n")  # tail: b"" when the file ends with a newline
     records: list[dict] = []
     ids: set[str] = set()
-    good = 0
-    for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break  # the torn tail
-        record = _parse(line, binding)
+    for line in lines:
+        record = _parse(line + b"\n", binding)
         if record is None or record["id"] in ids:
             return None, 0
         ids.add(record["id"])
         records.append(record)
-        good += len(line)
-    return records, good
+    if tail and not records:
+        return None, 0
+    return records, len(data) - len(tail)
 
 
 def _parse(line: bytes, binding: dict[str, str]) -> dict | None:

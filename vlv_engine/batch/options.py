@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ class JobOptions:
     # jsonl / parquet: a file; tar: a folder; txt: unused (sidecars go next to the
     # images).  jsonl with None streams to ``stream`` (stdout): no state, no resume.
     out: str | Path | None = None
-    format: str = "jsonl"  # jsonl | txt | tar | parquet
+    format: str | None = None  # jsonl | txt | tar | parquet; None: from out's suffix (.parquet), else jsonl
     manifest: str | Path | None = None  # default: beside the output
     errors: str | Path | None = None  # default: beside the output
     batch_size: int = 8
@@ -49,6 +50,10 @@ class JobOptions:
     # path, device="cuda")); None ships the driver's engine to the actors as it is.
     engine_factory: Any = None
 
+    def __post_init__(self) -> None:
+        if self.format is None:  # as the command line infers it
+            self.format = "parquet" if self.out is not None and str(self.out).lower().endswith(".parquet") else "jsonl"
+
 
 @dataclass(frozen=True)
 class JobPaths:
@@ -59,30 +64,51 @@ class JobPaths:
 
     @classmethod
     def resolve(cls, options: JobOptions) -> "JobPaths":
-        """Defaults beside the output; with ``num_shards > 1`` every default name (and
-        the output itself) gets ``.SSSSS-of-NNNNN`` so array tasks never share a file."""
+        """Defaults beside the output; with ``num_shards > 1`` every file name (the
+        output, the manifest and the errors, given or default) gets ``.SSSSS-of-NNNNN``
+        so array tasks never share a file. Paths that would share a file are refused."""
+        paths = cls._resolve(options)
+        paths._check()
+        return paths
+
+    @classmethod
+    def _resolve(cls, options: JobOptions) -> "JobPaths":
         tag = f".{options.shard_index:05d}-of-{options.num_shards:05d}" if options.num_shards > 1 else ""
         fmt = options.format
+        given_errors = _tagged(Path(options.errors), tag) if options.errors else None
+        given_manifest = _tagged(Path(options.manifest), tag) if options.manifest else None
         if fmt == "txt":
-            if options.manifest is None:
+            if given_manifest is None:
                 raise UsageError("txt sidecars need --manifest PATH (where the job's state is kept)")
-            manifest = _tagged(Path(options.manifest), tag)
-            errors = Path(options.errors) if options.errors else manifest.with_name(f"{manifest.stem}.errors.jsonl")
-            return cls(None, manifest, errors, "")
+            return cls(None, given_manifest,
+                       given_errors or given_manifest.with_name(f"{given_manifest.stem}.errors.jsonl"), "")
         if options.out is None:
             if fmt != "jsonl":
                 raise UsageError(f"{fmt} output needs an output path")
-            return cls(None, None, Path(options.errors) if options.errors else None, "")
+            return cls(None, None, given_errors, "")
         out = Path(options.out)
         if fmt == "tar":
-            manifest = Path(options.manifest) if options.manifest else out / f"manifest{tag}.sqlite"
-            errors = Path(options.errors) if options.errors else out / f"errors{tag}.jsonl"
-            return cls(out, manifest, errors, f"captions{tag}")
+            if out.exists() and not out.is_dir():
+                raise UsageError(f"--out {out}: tar output is a folder of shards, and this is a file")
+            return cls(out, given_manifest or out / f"manifest{tag}.sqlite",
+                       given_errors or out / f"errors{tag}.jsonl", f"captions{tag}")
         out = _tagged(out, tag)
-        manifest = Path(options.manifest) if options.manifest else out.with_name(f"{out.name}.manifest.sqlite")
-        errors = Path(options.errors) if options.errors else out.with_name(f"{out.stem}.errors.jsonl")
-        return cls(out, _tagged(manifest, tag) if options.manifest else manifest,
-                   _tagged(errors, tag) if options.errors else errors, "")
+        if out.is_dir():
+            raise UsageError(f"--out {out}: {fmt} output is a file, and this is a folder")
+        return cls(out, given_manifest or out.with_name(f"{out.name}.manifest.sqlite"),
+                   given_errors or out.with_name(f"{out.stem}.errors.jsonl"), "")
+
+    def _check(self) -> None:
+        # Two streams in one file cut each other back to their own committed lengths on
+        # every resume (and errors written into the manifest would destroy it).
+        named = [(flag, path) for flag, path in (("--out", self.out), ("--manifest", self.manifest),
+                                                  ("--errors", self.errors)) if path is not None]
+        seen: dict[str, str] = {}
+        for flag, path in named:
+            key = os.path.realpath(path)
+            if key in seen:
+                raise UsageError(f"{seen[key]} and {flag} name the same file ({path}); give each its own")
+            seen[key] = flag
 
 
 def _tagged(path: Path, tag: str) -> Path:

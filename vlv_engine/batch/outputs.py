@@ -22,6 +22,7 @@ before committing is what makes a kill safe; see ``manifest.py``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -90,7 +91,17 @@ class SidecarOutput:
         return self.state()
 
     def remove(self, manifest: Manifest, item_ids: set[str]) -> None:
-        # The new caption overwrites the sidecar; only the bookkeeping goes.
+        # These images changed: their sidecars go now, or one whose new bytes fail would
+        # keep the old caption beside a manifest and errors file that say it failed. (A
+        # file item's id is its absolute path; a kill before the commit redoes this.)
+        folders = set()
+        for item_id in item_ids:
+            target = os.path.splitext(item_id)[0] + ".txt"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
+                folders.add(os.path.dirname(target) or ".")
+        for folder in folders:
+            fsync_dir(folder)
         manifest.commit(Commit.empty(), forget={self.stream: sorted(item_ids)})
 
     def close(self, manifest: Manifest) -> None:
@@ -167,8 +178,10 @@ class TarOutput:
             self.count += len(entries)
 
     def remove(self, manifest: Manifest, item_ids: set[str]) -> None:
-        # Tar shards are not rewritten: a changed image gets a second sample with the
-        # same key, the later one current.  (JSONL and parquet outputs drop the old record.)
+        # Tar shards are append-only, as webdataset readers expect: a changed image gets
+        # a second sample with the same key, the later one current. One whose new bytes
+        # fail keeps its earlier sample; the manifest and the errors file list it as
+        # failed. (JSONL, parquet and sidecars drop the old caption.)
         manifest.commit(Commit.empty(), forget={self.stream: sorted(item_ids)})
 
     def close(self, manifest: Manifest) -> None:
@@ -219,12 +232,22 @@ class ParquetOutput:
         import pyarrow.parquet as pq
 
         with open(self.staging.path, "rb") as fp:
-            records = [json.loads(line) for line in fp.read(self.staging.offset).splitlines()]
+            records = [{k: _utf8(v) for k, v in json.loads(line).items()}
+                       for line in fp.read(self.staging.offset).splitlines()]
         sink = io.BytesIO()
         schema = pa.schema([(name, pa.string()) for name in ("id", "path", "caption", "sha256", "model", "gen")]
                            + [(name, pa.type_for_alias(kind)) for name, kind in self.extra_columns.items()])
         pq.write_table(pa.Table.from_pylist(records, schema=schema), sink)
         replace_atomically(self.path, sink.getvalue())
+
+
+def _utf8(value: Any) -> Any:
+    """A string parquet can hold. A file name that is not UTF-8 reaches Python with its
+    bad bytes as lone surrogates, which Arrow refuses; they are written as the escape
+    the JSONL outputs use for them (\\udcff for the byte 0xff)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
 
 
 class StreamOutput:

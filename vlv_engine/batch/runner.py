@@ -91,6 +91,8 @@ def _caption_dataset(engine: Any, inputs: Sequence[str] | Sequence[Item], option
     items = _select(inputs, options)
     if options.format == "txt":
         _check_sidecars(items)
+    if options.format == "tar":
+        _check_tar_keys(items)
     revision = engine_revision(engine)
     binding = {"model": revision.model,
                "gen": generation_hash(generation, extra=self_check.key() if self_check else None)}
@@ -157,6 +159,18 @@ def _check_sidecars(items: list[Item]) -> None:
         if target in owners:
             raise UsageError(f"{owners[target]} and {it.path} would both write {target}")
         owners[target] = it.path
+
+
+def _check_tar_keys(items: list[Item]) -> None:
+    # A webdataset sample is its key: two images under one key (a.png and a.jpg, x.b.png
+    # and x_b.png, or member 000001 of two input shards) would be one sample with two
+    # captions, and a reader could not tell which is whose.
+    owners: dict[str, str] = {}
+    for it in items:
+        if it.key in owners:
+            raise UsageError(f"{owners[it.key]} and {it.path} would both be tar sample {it.key!r}; "
+                             "rename one, or write jsonl or parquet (keyed by the full path)")
+        owners[it.key] = it.path
 
 
 def _make_output(options: JobOptions, paths: JobPaths, binding: dict[str, str]) -> Output:
