@@ -143,3 +143,26 @@ def test_a_file_over_the_size_limit_is_refused_before_it_is_read(engine, tmp_pat
     summary = _run(engine, images, out=out)
     assert summary.failed == 2
     assert all("limit for one image file" in e["reason"] for e in read_jsonl(tmp_path / "o.errors.jsonl"))
+
+
+@pytest.mark.parametrize("cell", ["text", "hf-image"])
+def test_an_image_behind_a_parquet_path_cell_is_rechecked(engine, tmp_path, cell):
+    """The parquet file is unchanged, the images its cells name are not: a replaced one is
+    captioned again from its new bytes, a deleted one fails."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    images = make_images(tmp_path / "imgs", 3, seed=9)
+    names = [os.path.relpath(p, tmp_path) for p in images]
+    column = names if cell == "text" else [{"bytes": None, "path": n} for n in names]
+    table = tmp_path / "ds.parquet"
+    pq.write_table(pa.table({"image": column}), table)
+    out = tmp_path / "o.jsonl"
+    _run(engine, [table], out=out)
+    new = make_images(tmp_path / "other", 1, seed=99)[0]
+    os.replace(new, images[0])  # other bytes under the same name
+    images[1].unlink()
+    summary = _run(engine, [table], out=out)
+    assert (summary.captioned, summary.failed, summary.already_done) == (1, 1, 1)
+    got = captions_by_id(out)
+    assert got[f"{table}::0"] == engine.caption([images[0]], **GEN)[0]
+    assert f"{table}::1" not in got and f"{table}::2" in got

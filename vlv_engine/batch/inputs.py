@@ -35,6 +35,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -225,12 +226,15 @@ def _from_folder(folder: str) -> Iterator[Item]:
 
 def _file_item(path: str) -> Item:
     item_id = os.path.abspath(path)
+    return Item(item_id, path, _key(item_id), FileSource(path), _file_fingerprint(path))
+
+
+def _file_fingerprint(path: str) -> str:
     try:
         st = os.stat(path)
-        fingerprint = f"file:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
     except OSError:
-        fingerprint = "missing"
-    return Item(item_id, path, _key(item_id), FileSource(path), fingerprint)
+        return "missing"
+    return f"file:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
 def _key(item_id: str) -> str:
@@ -284,12 +288,42 @@ def _from_parquet(file: str, image_column: str | None) -> Iterator[Item]:
     file_id = os.path.abspath(file)
     stem = _key(file_id)
     fingerprint = f"parquet:{st.st_size}:{st.st_mtime_ns}"
+    # Cells holding paths: the image is another file, which can change while the parquet
+    # file does not, so each row's fingerprint also has that file's (read per row group:
+    # a column of short strings).
+    paths = _may_hold_paths(meta.schema_arrow.field(column).type)
     row = 0
     for group in range(meta.num_row_groups):
+        cells = meta.read_row_group(group, columns=[column]).column(0).to_pylist() if paths else None
         for local in range(meta.metadata.row_group(group).num_rows):
+            own = fingerprint
+            if cells is not None and (path := _cell_file(cells[local])) is not None:
+                own = f"{fingerprint}:{_file_fingerprint(_cell_path(file, path))}"
             yield Item(f"{file_id}::{row}", f"{file}::{row}", f"{stem}/{row:09d}",
-                       ParquetCellSource(file, group, local, column), fingerprint)
+                       ParquetCellSource(file, group, local, column), own)
             row += 1
+
+
+def _may_hold_paths(arrow_type) -> bool:
+    """A text column, or a struct with a path (Hugging Face datasets' Image feature)."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(arrow_type):
+        return any(arrow_type.field(i).name == "path" for i in range(arrow_type.num_fields))
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+
+
+def _cell_file(value: Any) -> str | None:
+    """The path a cell's image is read from, when it is read from a file (as
+    `_read_parquet_cell` decides)."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    return value if isinstance(value, str) else None
+
+
+def _cell_path(parquet_file: str, value: str) -> str:
+    """A path cell, relative to the parquet file's folder unless absolute."""
+    return value if os.path.isabs(value) else os.path.join(os.path.dirname(parquet_file), value)
 
 
 # One row group column per worker process: items arrive in order, so consecutive
@@ -312,6 +346,6 @@ def _read_parquet_cell(source: ParquetCellSource) -> bytes:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, str):
-        return read_file(value if os.path.isabs(value) else os.path.join(os.path.dirname(source.file), value))
+        return read_file(_cell_path(source.file, value))
     raise ValueError(f"parquet cell is {type(value).__name__}, not image bytes or a path")
 
