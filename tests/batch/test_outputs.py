@@ -81,6 +81,15 @@ def test_tar_shards_keyed_like_the_inputs_and_repaired_after_a_kill(engine, imag
     assert _read_shards(out) == samples
 
 
+def test_a_finished_tar_shard_that_is_gone_is_reported_not_counted_done(engine, images, tmp_path):
+    out = tmp_path / "shards"
+    _run(engine, [tmp_path / "images"], format="tar", out=out, tar_max_per_shard=4, batch_size=2)
+    first = sorted(out.glob("captions-*.tar"))[0]
+    first.unlink()
+    with pytest.raises(OutputError, match=f"lacks {first.name}, finished by this manifest"):
+        _run(engine, [tmp_path / "images"], format="tar", out=out, tar_max_per_shard=4)
+
+
 def test_parquet_output(engine, images, reference, tmp_path):
     out = tmp_path / "o.parquet"
     try:

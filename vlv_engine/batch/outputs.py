@@ -136,6 +136,13 @@ class TarOutput:
             manifest.commit(Commit([], [], {}, {self.stream: self.state()}), forget={self.stream: None})
             return
         self.shard, self.offset, self.count = state["shard"], state["offset"], state["count"]
+        # Finished shards are never touched again; one that is gone took its captions with
+        # it while the manifest still counts them done.
+        missing = [self.shard_path(n).name for n in range(self.shard) if not self.shard_path(n).exists()]
+        if missing:
+            raise OutputError(f"{self.folder} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}, "
+                              "finished by this manifest: their captions are gone. Restore them, or caption "
+                              "again into a new output folder with a new manifest")
         current = self.shard_path(self.shard)
         size = current.stat().st_size if current.exists() else 0
         if size < self.offset:
