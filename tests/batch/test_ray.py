@@ -126,28 +126,35 @@ def test_killed_driver_resumes_with_nothing_lost_or_duplicated(cluster, tmp_path
     assert out.read_bytes() == reference.read_bytes()
 
 
-def test_an_actor_killed_by_a_file_costs_only_that_file(cluster, tmp_path):
+def _crashing_pool_outcomes(names: list[list[str]]) -> list[list[tuple]]:
+    """(sha256, reason) per item of each batch, mapped over 2 actors that die on a file
+    named CRASH (``batch_helpers.CrashingEngineWorker``: an item's sha256 is its path)."""
     import batch_helpers
 
-    from vlv_engine.batch.decode import WORKER_CRASHED, DecodeTask
+    from vlv_engine.batch.decode import DecodeTask
     from vlv_engine.batch.inputs import FileSource
     from vlv_engine.batch.ray_runner import _ActorPool
 
     ray.cloudpickle.register_pickle_by_value(batch_helpers)
     remote = ray.remote(num_cpus=1)(batch_helpers.CrashingEngineWorker)
-    paths = [f"/data/{i}.png" for i in range(7)]
-    batches = [[DecodeTask(FileSource(p)) for p in paths[:2]],
-               [DecodeTask(FileSource(p)) for p in (paths[2], "/data/CRASH.png", paths[3])],
-               *[[DecodeTask(FileSource(p))] for p in paths[4:]]]
+    batches = [[DecodeTask(FileSource(f"/data/{n}.png")) for n in batch] for batch in names]
     pool = _ActorPool(ray, remote.remote, 2)
     try:
-        results = list(pool.map(iter(batches)))
+        return [[(o.sha256, o.reason) for o in r] for r in pool.map(iter(batches))]
     finally:
         pool.close()
-    assert [[(o.sha256, o.reason) for o in r] for r in results] == [
-        [(paths[0], None), (paths[1], None)],
-        [(paths[2], None), (None, WORKER_CRASHED), (paths[3], None)],
-        *[[(p, None)] for p in paths[4:]]]
+
+
+def _only_crashes_fail(names: list[list[str]]) -> list[list[tuple]]:
+    from vlv_engine.batch.decode import WORKER_CRASHED
+
+    return [[(None, WORKER_CRASHED) if "CRASH" in n else (f"/data/{n}.png", None) for n in batch]
+            for batch in names]
+
+
+def test_an_actor_killed_by_a_file_costs_only_that_file(cluster):
+    names = [["0", "1"], ["2", "CRASH", "3"], ["4"], ["5"], ["6"]]
+    assert _crashing_pool_outcomes(names) == _only_crashes_fail(names)
 
 
 def test_an_item_retried_behind_another_crash_is_not_blamed_for_it(cluster):
@@ -155,23 +162,8 @@ def test_an_item_retried_behind_another_crash_is_not_blamed_for_it(cluster):
     one of those kills the actor, the retried item dies as a bystander. It is run again on
     a fresh actor, and only the files that crash an actor on their own are blamed; results
     stay in input order."""
-    import batch_helpers
-
-    from vlv_engine.batch.decode import WORKER_CRASHED, DecodeTask
-    from vlv_engine.batch.inputs import FileSource
-    from vlv_engine.batch.ray_runner import _ActorPool
-
-    ray.cloudpickle.register_pickle_by_value(batch_helpers)
-    remote = ray.remote(num_cpus=1)(batch_helpers.CrashingEngineWorker)
     names = [["p0", "CRASH1"], ["p1"], ["CRASH2", "p2"], ["p3"], ["p4"]]
-    batches = [[DecodeTask(FileSource(f"/data/{n}.png")) for n in batch] for batch in names]
-    pool = _ActorPool(ray, remote.remote, 2)
-    try:
-        results = list(pool.map(iter(batches)))
-    finally:
-        pool.close()
-    assert [[(o.sha256, o.reason) for o in r] for r in results] == [
-        [(None, WORKER_CRASHED) if "CRASH" in n else (f"/data/{n}.png", None) for n in batch] for batch in names]
+    assert _crashing_pool_outcomes(names) == _only_crashes_fail(names)
 
 
 def test_without_ray_installed_the_job_says_how_to_get_it(engine, folder, tmp_path, monkeypatch):
