@@ -166,3 +166,19 @@ def test_an_image_behind_a_parquet_path_cell_is_rechecked(engine, tmp_path, cell
     got = captions_by_id(out)
     assert got[f"{table}::0"] == engine.caption([images[0]], **GEN)[0]
     assert f"{table}::1" not in got and f"{table}::2" in got
+
+
+def test_listing_an_image_struct_column_reads_its_paths_not_its_bytes(tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from vlv_engine.batch import collect_items
+
+    images = make_images(tmp_path / "imgs", 2, seed=10)
+    table = tmp_path / "ds.parquet"
+    pq.write_table(pa.table({"image": [{"bytes": p.read_bytes(), "path": p.name} for p in images]}), table)
+    read = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, columns=None, **kw: read.append(columns) or real(self, i, columns=columns, **kw))
+    assert len(collect_items([str(table)])) == 2
+    assert read == [["image.path"]]

@@ -289,12 +289,12 @@ def _from_parquet(file: str, image_column: str | None) -> Iterator[Item]:
     stem = _key(file_id)
     fingerprint = f"parquet:{st.st_size}:{st.st_mtime_ns}"
     # Cells holding paths: the image is another file, which can change while the parquet
-    # file does not, so each row's fingerprint also has that file's (read per row group:
-    # a column of short strings).
-    paths = _may_hold_paths(meta.schema_arrow.field(column).type)
+    # file does not, so each row's fingerprint also has that file's. Only the paths are
+    # read here (per row group; of an Image struct, its path field, never its bytes).
+    paths = _path_leaf(column, meta.schema_arrow.field(column).type)
     row = 0
     for group in range(meta.num_row_groups):
-        cells = meta.read_row_group(group, columns=[column]).column(0).to_pylist() if paths else None
+        cells = meta.read_row_group(group, columns=[paths]).column(0).to_pylist() if paths else None
         for local in range(meta.metadata.row_group(group).num_rows):
             own = fingerprint
             if cells is not None and (path := _cell_file(cells[local])) is not None:
@@ -304,20 +304,23 @@ def _from_parquet(file: str, image_column: str | None) -> Iterator[Item]:
             row += 1
 
 
-def _may_hold_paths(arrow_type) -> bool:
-    """A text column, or a struct with a path (Hugging Face datasets' Image feature)."""
+def _path_leaf(column: str, arrow_type) -> str | None:
+    """What to read of an image column for the paths its cells may name: the column when
+    it is text, its path field when it is a struct with one (Hugging Face datasets' Image
+    feature), else None (bytes only)."""
     import pyarrow as pa
 
     if pa.types.is_struct(arrow_type):
-        return any(arrow_type.field(i).name == "path" for i in range(arrow_type.num_fields))
-    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+        fields = {arrow_type.field(i).name for i in range(arrow_type.num_fields)}
+        return f"{column}.path" if "path" in fields else None
+    return column if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) else None
 
 
 def _cell_file(value: Any) -> str | None:
-    """The path a cell's image is read from, when it is read from a file (as
-    `_read_parquet_cell` decides)."""
+    """The file a cell names: a text cell, or an Image struct's path. (A struct that also
+    holds bytes is read from them; its path's fingerprint then only costs a recheck.)"""
     if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
+        value = value.get("path")
     return value if isinstance(value, str) else None
 
 
