@@ -62,7 +62,11 @@ class Output(Protocol):
 def sidecar_path(item: Item) -> str:
     if not isinstance(item.source, FileSource):
         raise OutputError(f"{item.path}: .txt sidecars need image files, not tar members or parquet rows")
-    return os.path.splitext(item.source.path)[0] + ".txt"
+    return _sidecar_of(item.source.path)
+
+
+def _sidecar_of(image_path: str) -> str:
+    return os.path.splitext(image_path)[0] + ".txt"
 
 
 class SidecarOutput:
@@ -96,7 +100,7 @@ class SidecarOutput:
         # file item's id is its absolute path; a kill before the commit redoes this.)
         folders = set()
         for item_id in item_ids:
-            target = os.path.splitext(item_id)[0] + ".txt"
+            target = _sidecar_of(item_id)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(target)
                 folders.add(os.path.dirname(target) or ".")

@@ -153,24 +153,25 @@ def _select(inputs: Sequence[str] | Sequence[Item], options: JobOptions) -> list
 
 
 def _check_sidecars(items: list[Item]) -> None:
-    owners: dict[str, str] = {}
-    for it in items:
-        target = sidecar_path(it)
-        if target in owners:
-            raise UsageError(f"{owners[target]} and {it.path} would both write {target}")
-        owners[target] = it.path
+    _check_unique(items, sidecar_path, "write")
 
 
 def _check_tar_keys(items: list[Item]) -> None:
     # A webdataset sample is its key: two images under one key (a.png and a.jpg, x.b.png
     # and x_b.png, or member 000001 of two input shards) would be one sample with two
     # captions, and a reader could not tell which is whose.
+    _check_unique(items, lambda it: it.key, "be tar sample",
+                  "; rename one, or write jsonl or parquet (keyed by the full path)")
+
+
+def _check_unique(items: list[Item], target_of, verb: str, advice: str = "") -> None:
+    """Refuse two items with one output target (a sidecar file, a tar sample key)."""
     owners: dict[str, str] = {}
     for it in items:
-        if it.key in owners:
-            raise UsageError(f"{owners[it.key]} and {it.path} would both be tar sample {it.key!r}; "
-                             "rename one, or write jsonl or parquet (keyed by the full path)")
-        owners[it.key] = it.path
+        target = target_of(it)
+        if target in owners:
+            raise UsageError(f"{owners[target]} and {it.path} would both {verb} {target!r}{advice}")
+        owners[target] = it.path
 
 
 def _make_output(options: JobOptions, paths: JobPaths, binding: dict[str, str]) -> Output:
